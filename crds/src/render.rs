@@ -1,0 +1,308 @@
+//! The one prompt renderer: what a PromptVersion means. The operator validates
+//! PromptVersions with it and the worker renders prompts with it, so both agree.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use minijinja::{Environment, UndefinedBehavior, Value};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::prompt::PromptVersionSpec;
+
+/// A chat message after rendering.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ChatMessage {
+    /// system, user or assistant.
+    pub role: String,
+    /// The rendered content.
+    pub content: String,
+}
+
+/// A rendered prompt.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RenderedPrompt {
+    /// From `messages`.
+    Messages(Vec<ChatMessage>),
+    /// From `template`.
+    Text(String),
+}
+
+/// Why a prompt cannot be rendered.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PromptError {
+    /// A template does not parse.
+    #[error("{location}: template syntax error: {detail}")]
+    Syntax {
+        /// Which template: `template` or `messages[i].content`.
+        location: String,
+        /// The parser's message.
+        detail: String,
+    },
+    /// A template uses a variable that `variables` does not declare.
+    #[error("{location}: uses variable {name:?}, which is not declared in variables")]
+    UndeclaredVariable {
+        /// Which template.
+        location: String,
+        /// The variable.
+        name: String,
+    },
+    /// A required variable was not given.
+    #[error("variable {name:?} is required (it has no default) but was not given")]
+    MissingVariable {
+        /// The variable.
+        name: String,
+    },
+    /// A value was given for a variable the prompt does not declare.
+    #[error("variable {name:?} is not declared by this prompt")]
+    UnknownVariable {
+        /// The variable.
+        name: String,
+    },
+    /// Rendering failed (e.g. a filter got a value it cannot handle).
+    #[error("{location}: {detail}")]
+    Render {
+        /// Which template.
+        location: String,
+        /// The renderer's message.
+        detail: String,
+    },
+    /// An example of the PromptVersion does not render.
+    #[error("example {example:?}: {source}")]
+    Example {
+        /// The example's name.
+        example: String,
+        /// What went wrong.
+        source: Box<PromptError>,
+    },
+}
+
+/// The Jinja environment every prompt is rendered in: undefined variables are errors, not
+/// empty strings, and a template keeps its trailing newline.
+pub fn environment() -> Environment<'static> {
+    let mut env = Environment::new();
+    env.set_undefined_behavior(UndefinedBehavior::Strict);
+    let syntax = minijinja::syntax::SyntaxConfig::builder().keep_trailing_newline(true).build();
+    if let Ok(syntax) = syntax {
+        env.set_syntax(syntax);
+    }
+    env
+}
+
+/// One template of a prompt with where it sits in the spec.
+struct Part<'a> {
+    location: String,
+    role: Option<&'a str>,
+    source: &'a str,
+}
+
+fn parts(spec: &PromptVersionSpec) -> Vec<Part<'_>> {
+    match (&spec.messages, &spec.template) {
+        (Some(messages), _) => messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| Part {
+                location: format!("messages[{i}].content"),
+                role: Some(m.role.as_str()),
+                source: &m.content,
+            })
+            .collect(),
+        (None, Some(template)) => {
+            vec![Part { location: "template".to_string(), role: None, source: template }]
+        }
+        (None, None) => Vec::new(),
+    }
+}
+
+fn syntax_error(location: &str, err: &minijinja::Error) -> PromptError {
+    PromptError::Syntax { location: location.to_string(), detail: err.to_string() }
+}
+
+impl PromptVersionSpec {
+    /// Checks that every template parses and uses only declared variables, and that every
+    /// example renders. This is what makes a PromptVersion Ready.
+    pub fn validate(&self) -> Result<(), PromptError> {
+        let env = environment();
+        let declared: BTreeSet<&str> = self.variables.iter().map(|v| v.name.as_str()).collect();
+        for part in parts(self) {
+            let template =
+                env.template_from_str(part.source).map_err(|e| syntax_error(&part.location, &e))?;
+            let mut used: Vec<String> = template.undeclared_variables(false).into_iter().collect();
+            used.sort();
+            if let Some(name) = used.into_iter().find(|n| !declared.contains(n.as_str())) {
+                return Err(PromptError::UndeclaredVariable { location: part.location, name });
+            }
+        }
+        for example in &self.examples {
+            self.render(&example.variables).map_err(|e| PromptError::Example {
+                example: example.name.clone(),
+                source: Box::new(e),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Renders the prompt with the given variable values; declared defaults fill in
+    /// the rest.
+    pub fn render<V: Serialize>(
+        &self,
+        values: &BTreeMap<String, V>,
+    ) -> Result<RenderedPrompt, PromptError> {
+        let declared: BTreeSet<&str> = self.variables.iter().map(|v| v.name.as_str()).collect();
+        if let Some(name) = values.keys().find(|k| !declared.contains(k.as_str())) {
+            return Err(PromptError::UnknownVariable { name: name.clone() });
+        }
+        let mut context: BTreeMap<String, Value> = BTreeMap::new();
+        for variable in &self.variables {
+            let value = match (values.get(&variable.name), &variable.default) {
+                (Some(v), _) => Value::from(minijinja::value::Serde(v)),
+                (None, Some(default)) => Value::from(default.clone()),
+                (None, None) => {
+                    return Err(PromptError::MissingVariable { name: variable.name.clone() });
+                }
+            };
+            context.insert(variable.name.clone(), value);
+        }
+        let env = environment();
+        let mut messages = Vec::new();
+        let mut text = None;
+        for part in parts(self) {
+            let template =
+                env.template_from_str(part.source).map_err(|e| syntax_error(&part.location, &e))?;
+            let rendered = template.render(&context).map_err(|e| PromptError::Render {
+                location: part.location.clone(),
+                detail: e.to_string(),
+            })?;
+            match part.role {
+                Some(role) => messages.push(ChatMessage { role: role.to_string(), content: rendered }),
+                None => text = Some(rendered),
+            }
+        }
+        Ok(match text {
+            Some(text) => RenderedPrompt::Text(text),
+            None => RenderedPrompt::Messages(messages),
+        })
+    }
+
+    /// sha256 of the prompt's content: the canonical JSON of the spec. Two PromptVersions
+    /// with the same content have the same digest whatever their names.
+    pub fn digest(&self) -> String {
+        let canonical = serde_json::to_vec(self).unwrap_or_default();
+        let mut hasher = Sha256::new();
+        hasher.update(b"llmops.dev/PromptVersion/v1alpha1\n");
+        hasher.update(&canonical);
+        hex::encode(hasher.finalize())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(yaml: &str) -> PromptVersionSpec {
+        serde_yaml_ng::from_str(yaml).expect("valid spec")
+    }
+
+    const SUPPORT: &str = r#"
+prompt: support
+messages:
+  - role: system
+    content: "You answer in {{ language }}.{% if tone %} Be {{ tone }}.{% endif %}"
+  - role: user
+    content: "{{ question }}"
+variables:
+  - name: language
+    default: English
+  - name: tone
+    default: ""
+  - name: question
+examples:
+  - name: basic
+    variables: {question: "Where is my order?"}
+"#;
+
+    #[test]
+    fn renders_messages_with_defaults_and_values() {
+        let s = spec(SUPPORT);
+        s.validate().expect("valid");
+        let values = BTreeMap::from([
+            ("question".to_string(), "Hi?".to_string()),
+            ("tone".to_string(), "brief".to_string()),
+        ]);
+        let rendered = s.render(&values).expect("renders");
+        assert_eq!(
+            rendered,
+            RenderedPrompt::Messages(vec![
+                ChatMessage { role: "system".into(), content: "You answer in English. Be brief.".into() },
+                ChatMessage { role: "user".into(), content: "Hi?".into() },
+            ])
+        );
+    }
+
+    #[test]
+    fn missing_required_variable_is_an_error() {
+        let s = spec(SUPPORT);
+        let err = s.render(&BTreeMap::<String, String>::new()).unwrap_err();
+        assert_eq!(err, PromptError::MissingVariable { name: "question".into() });
+    }
+
+    #[test]
+    fn unknown_variable_is_an_error() {
+        let s = spec(SUPPORT);
+        let values = BTreeMap::from([
+            ("question".to_string(), "x".to_string()),
+            ("colour".to_string(), "red".to_string()),
+        ]);
+        assert_eq!(s.render(&values).unwrap_err(), PromptError::UnknownVariable { name: "colour".into() });
+    }
+
+    #[test]
+    fn undeclared_variable_in_template_fails_validation() {
+        let s = spec("prompt: p\ntemplate: 'Hello {{ name }} from {{ place }}'\nvariables: [{name: name}]\n");
+        let err = s.validate().unwrap_err();
+        assert_eq!(
+            err,
+            PromptError::UndeclaredVariable { location: "template".into(), name: "place".into() }
+        );
+        assert!(err.to_string().contains("\"place\""), "{err}");
+    }
+
+    #[test]
+    fn example_with_missing_variable_fails_validation() {
+        let s = spec(
+            "prompt: p\ntemplate: '{{ a }} {{ b }}'\nvariables: [{name: a}, {name: b}]\nexamples: [{name: half, variables: {a: x}}]\n",
+        );
+        let err = s.validate().unwrap_err();
+        assert!(matches!(err, PromptError::Example { ref example, .. } if example == "half"), "{err}");
+        assert!(err.to_string().contains("\"b\" is required"), "{err}");
+    }
+
+    #[test]
+    fn syntax_error_names_the_template() {
+        let s = spec("prompt: p\nmessages: [{role: user, content: '{% if x %}open'}]\nvariables: [{name: x}]\n");
+        match s.validate().unwrap_err() {
+            PromptError::Syntax { location, .. } => assert_eq!(location, "messages[0].content"),
+            other => panic!("expected a syntax error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn loop_variables_are_not_undeclared() {
+        let s = spec(
+            "prompt: p\ntemplate: |-\n  {% for d in docs %}- {{ d }}\n  {% endfor %}\nvariables: [{name: docs}]\n",
+        );
+        s.validate().expect("loop variable d is bound by the loop");
+        let values = BTreeMap::from([("docs".to_string(), serde_json::json!(["a", "b"]))]);
+        assert_eq!(s.render(&values).expect("renders"), RenderedPrompt::Text("- a\n- b\n".into()));
+    }
+
+    #[test]
+    fn digest_depends_on_content_only() {
+        let a = spec(SUPPORT);
+        let mut b = spec(SUPPORT);
+        assert_eq!(a.digest(), b.digest());
+        assert_eq!(a.digest().len(), 64);
+        b.variables[0].default = Some("French".into());
+        assert_ne!(a.digest(), b.digest());
+    }
+}
