@@ -21,7 +21,7 @@ use crate::common::{
     kind = "Dataset",
     namespaced,
     status = "DatasetStatus",
-    shortname = "ds",
+    shortname = "dset",
     category = "llmops",
     doc = "Dataset prepares training and evaluation data: ingest, clean, deduplicate, redact, split and tokenize.",
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),

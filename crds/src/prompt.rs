@@ -18,7 +18,7 @@ use crate::common::{CommonStatus, GenerationParameters};
     kind = "PromptVersion",
     namespaced,
     status = "PromptVersionStatus",
-    shortname = "pv",
+    shortname = "pver",
     shortname = "prompt",
     category = "llmops",
     doc = "PromptVersion is one immutable, content-hashed version of a prompt template.",

@@ -1,0 +1,58 @@
+//! `llmops-operator`: the operator binary. `crds` prints or writes the CustomResource-
+//! Definitions of the five kinds, as the chart and `kubectl apply` install them.
+#![forbid(unsafe_code)]
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "llmops-operator", version, about = "The llmops Kubernetes operator")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print the CRDs of all llmops kinds as one multi-document YAML stream
+    /// (`llmops-operator crds | kubectl apply --server-side -f -`).
+    Crds {
+        /// Write one file per CRD (<plural>.yaml) into DIR instead of printing.
+        #[arg(long, value_name = "DIR")]
+        write: Option<PathBuf>,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Crds { write } => crds(write),
+    }
+}
+
+fn crds(write: Option<PathBuf>) -> Result<()> {
+    let manifests = llmops_crds::crd_manifests().context("serializing the CRDs")?;
+    match write {
+        Some(dir) => {
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            for (name, yaml) in manifests {
+                let path = dir.join(&name);
+                std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?;
+                eprintln!("wrote {}", path.display());
+            }
+        }
+        None => {
+            let mut out = std::io::stdout().lock();
+            for (i, (_, yaml)) in manifests.iter().enumerate() {
+                if i > 0 {
+                    writeln!(out, "---")?;
+                }
+                out.write_all(yaml.as_bytes())?;
+            }
+        }
+    }
+    Ok(())
+}

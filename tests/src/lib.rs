@@ -1,0 +1,209 @@
+//! Test harness for cluster tests: starts (or reuses) the loopback control plane of
+//! tests/cluster/, installs the CRDs, gives each test its own namespace and applies
+//! manifests the way `kubectl apply --server-side --validate=strict` does.
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams, ValidationDirective};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::core::GroupVersionKind;
+use kube::{Client, Config};
+use serde_json::Value;
+
+/// Field manager of everything the tests apply.
+pub const FIELD_MANAGER: &str = "llmops-tests";
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ sits in the repo").to_path_buf()
+}
+
+static KUBECONFIG: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+
+/// Path of the test cluster's kubeconfig: `LLMOPS_TEST_KUBECONFIG` when set, otherwise
+/// whatever `tests/cluster/up` prints (it starts the cluster, or reuses a running one).
+pub fn kubeconfig() -> Result<PathBuf> {
+    KUBECONFIG
+        .get_or_init(|| {
+            if let Some(path) = std::env::var_os("LLMOPS_TEST_KUBECONFIG") {
+                return Ok(PathBuf::from(path));
+            }
+            let up = repo_root().join("tests/cluster/up");
+            let out = std::process::Command::new(&up)
+                .stderr(std::process::Stdio::inherit())
+                .output()
+                .map_err(|e| format!("cannot run {}: {e}", up.display()))?;
+            if !out.status.success() {
+                return Err(format!("{} failed with {}", up.display(), out.status));
+            }
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let last = stdout.lines().last().unwrap_or_default().trim().to_string();
+            if last.is_empty() {
+                return Err(format!("{} printed no kubeconfig path", up.display()));
+            }
+            Ok(PathBuf::from(last))
+        })
+        .clone()
+        .map_err(|e| anyhow!(e))
+}
+
+/// A client of the test cluster. Each test makes its own, since a client belongs to the
+/// runtime it was made in.
+pub async fn client() -> Result<Client> {
+    let path = kubeconfig()?;
+    let kubeconfig = Kubeconfig::read_from(&path).with_context(|| format!("reading {}", path.display()))?;
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+    Ok(Client::try_from(config)?)
+}
+
+/// Server-side apply with strict field validation, as `kubectl apply --server-side
+/// --validate=strict` does.
+pub fn strict_apply() -> PatchParams {
+    let mut params = PatchParams::apply(FIELD_MANAGER).force();
+    params.field_validation = Some(ValidationDirective::Strict);
+    params
+}
+
+/// Polls `check` every 200 ms until it returns Some, or fails after `timeout`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
+{
+    let start = Instant::now();
+    let mut last_error = None;
+    loop {
+        match check().await {
+            Ok(Some(value)) => return Ok(value),
+            Ok(None) => {}
+            Err(e) => last_error = Some(e),
+        }
+        if start.elapsed() > timeout {
+            let detail = last_error.map(|e| format!(": last error: {e:#}")).unwrap_or_default();
+            bail!("timed out after {timeout:?} waiting for {what}{detail}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Installs every CRD of crds/manifests (server-side apply) and waits until each is
+/// Established. Idempotent.
+pub async fn install_crds(client: &Client) -> Result<Vec<String>> {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let dir = repo_root().join("crds/manifests");
+    let mut names = Vec::new();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)?.map(|e| e.map(|e| e.path())).collect::<Result<_, _>>()?;
+    files.sort();
+    for file in files {
+        let crd: CustomResourceDefinition = serde_yaml_ng::from_str(&std::fs::read_to_string(&file)?)
+            .with_context(|| format!("parsing {}", file.display()))?;
+        let name = crd.metadata.name.clone().context("CRD without a name")?;
+        api.patch(&name, &strict_apply(), &Patch::Apply(&crd))
+            .await
+            .with_context(|| format!("the apiserver refused {}", file.display()))?;
+        names.push(name);
+    }
+    for name in &names {
+        eventually(&format!("CRD {name} to be Established"), Duration::from_secs(30), || async {
+            let crd = api.get(name).await?;
+            let established = crd
+                .status
+                .and_then(|s| s.conditions)
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True");
+            Ok(established.then_some(()))
+        })
+        .await?;
+    }
+    Ok(names)
+}
+
+/// A namespace of one test, deleted when dropped.
+pub struct TestNamespace {
+    /// Its name.
+    pub name: String,
+    kubeconfig: PathBuf,
+}
+
+impl TestNamespace {
+    /// Creates a namespace named after the test, with a unique suffix.
+    pub async fn create(client: &Client, test: &str) -> Result<Self> {
+        let suffix = format!(
+            "{:x}{:x}",
+            std::process::id(),
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.subsec_nanos()
+        );
+        let base: String = test.to_lowercase().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
+        let name = format!("t-{}-{suffix}", base.chars().take(40).collect::<String>().trim_matches('-'));
+        let ns: Namespace = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "labels": {"llmops.dev/test": "true"}}
+        }))?;
+        Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await?;
+        Ok(Self { name, kubeconfig: kubeconfig()? })
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        // Drop cannot await, and the test's runtime may be shutting down: delete from a
+        // thread with its own runtime.
+        let name = self.name.clone();
+        let path = self.kubeconfig.clone();
+        let deleted = std::thread::spawn(move || -> Result<()> {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(async {
+                let kubeconfig = Kubeconfig::read_from(&path)?;
+                let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+                let client = Client::try_from(config)?;
+                Api::<Namespace>::all(client).delete(&name, &DeleteParams::background()).await?;
+                Ok(())
+            })
+        })
+        .join();
+        if !matches!(deleted, Ok(Ok(()))) {
+            eprintln!("warning: could not delete test namespace {}", self.name);
+        }
+    }
+}
+
+/// Every non-empty document of a YAML file.
+pub fn yaml_documents(path: &Path) -> Result<Vec<Value>> {
+    use serde::Deserialize;
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut docs = Vec::new();
+    for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+        let value = Value::deserialize(doc).with_context(|| format!("parsing {}", path.display()))?;
+        if !value.is_null() {
+            docs.push(value);
+        }
+    }
+    Ok(docs)
+}
+
+/// Server-side applies one manifest into `namespace` with strict field validation.
+/// Returns the apiserver's refusal as text, so tests can assert what it says.
+pub async fn apply_manifest(client: &Client, namespace: &str, manifest: &Value) -> Result<Result<DynamicObject, String>> {
+    let api_version = manifest["apiVersion"].as_str().context("manifest without apiVersion")?;
+    let kind = manifest["kind"].as_str().context("manifest without kind")?;
+    let name = manifest["metadata"]["name"].as_str().context("manifest without metadata.name")?;
+    let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+    let gvk = GroupVersionKind::gvk(group, version, kind);
+    let (resource, _) = kube::discovery::pinned_kind(client, &gvk)
+        .await
+        .with_context(|| format!("discovering {api_version} {kind}"))?;
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &resource);
+    let mut manifest = manifest.clone();
+    manifest["metadata"]["namespace"] = Value::String(namespace.to_string());
+    match api.patch(name, &strict_apply(), &Patch::Apply(&manifest)).await {
+        Ok(obj) => Ok(Ok(obj)),
+        Err(kube::Error::Api(status)) => Ok(Err(status.message)),
+        Err(other) => Err(other.into()),
+    }
+}
