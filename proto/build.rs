@@ -6,11 +6,8 @@ use std::path::PathBuf;
 
 use prost::Message;
 
-const PROTOS: &[&str] = &[
-    "llmops/worker/v1/common.proto",
-    "llmops/worker/v1/assignment.proto",
-    "llmops/worker/v1/gateway.proto",
-];
+const PROTOS: &[&str] =
+    &["llmops/worker/v1/common.proto", "llmops/worker/v1/assignment.proto", "llmops/worker/v1/gateway.proto"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=llmops");

@@ -8,8 +8,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::common::{
-    Artifact, CommonStatus, JobTimes, Lineage, ModelSource, NAME_PATTERN, Resources, URI_PATTERN,
-    default_true,
+    Artifact, CommonStatus, JobTimes, Lineage, ModelSource, NAME_PATTERN, Resources, URI_PATTERN, default_true,
 };
 
 /// Prepares a versioned, content-addressed dataset: reads records from a source, applies
@@ -26,7 +25,12 @@ use crate::common::{
     doc = "Dataset prepares training and evaluation data: ingest, clean, deduplicate, redact, split and tokenize.",
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "Records", type_ = "integer", json_path = ".status.records.output", description = "Records written after all transforms"),
+    printcolumn(
+        name = "Records",
+        type_ = "integer",
+        json_path = ".status.records.output",
+        description = "Records written after all transforms"
+    ),
     printcolumn(name = "Digest", type_ = "string", json_path = ".status.artifact.sha256", priority = 1),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]

@@ -4,9 +4,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::common::{
-    CommonStatus, LocalRef, ModelSource, NamedAdapter, Resources, SecretKeyRef, default_true,
-};
+use crate::common::{CommonStatus, LocalRef, ModelSource, NamedAdapter, Resources, SecretKeyRef, default_true};
 use crate::evalrun::Evaluation;
 
 /// Serves a model, and named LoRA adapters beside it, with an OpenAI-compatible REST API.
@@ -30,7 +28,12 @@ use crate::evalrun::Evaluation;
     ),
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "Replicas", type_ = "string", json_path = ".status.replicasSummary", description = "Ready replicas / desired replicas"),
+    printcolumn(
+        name = "Replicas",
+        type_ = "string",
+        json_path = ".status.replicasSummary",
+        description = "Ready replicas / desired replicas"
+    ),
     printcolumn(name = "Endpoint", type_ = "string", json_path = ".status.endpoint", priority = 1),
     printcolumn(name = "Revision", type_ = "string", json_path = ".status.servingRevision", priority = 1),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")

@@ -7,8 +7,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::common::{
-    AdapterSource, CommonStatus, GenerationParameters, JobTimes, LocalRef, ModelSource,
-    NAME_PATTERN, Resources, SecretKeyRef,
+    AdapterSource, CommonStatus, GenerationParameters, JobTimes, LocalRef, ModelSource, NAME_PATTERN, Resources,
+    SecretKeyRef,
 };
 use crate::dataset::default_backoff_limit;
 use crate::finetune::SplitName;

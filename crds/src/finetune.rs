@@ -4,9 +4,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::common::{
-    Artifact, CommonStatus, JobTimes, Lineage, ModelSource, NAME_PATTERN, Resources,
-};
+use crate::common::{Artifact, CommonStatus, JobTimes, Lineage, ModelSource, NAME_PATTERN, Resources};
 use crate::dataset::default_backoff_limit;
 
 /// Fine-tunes a base model on a Dataset and writes a PEFT-compatible adapter (method
@@ -24,7 +22,12 @@ use crate::dataset::default_backoff_limit;
     doc = "FineTuneJob adapts a base model to a Dataset with LoRA or full fine-tuning.",
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "Progress", type_ = "string", json_path = ".status.progress", description = "Optimizer step / total steps"),
+    printcolumn(
+        name = "Progress",
+        type_ = "string",
+        json_path = ".status.progress",
+        description = "Optimizer step / total steps"
+    ),
     printcolumn(name = "Loss", type_ = "number", json_path = ".status.loss"),
     printcolumn(name = "Tokens/s", type_ = "number", json_path = ".status.tokensPerSecond", priority = 1),
     printcolumn(name = "ETA", type_ = "string", json_path = ".status.eta", priority = 1),

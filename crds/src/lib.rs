@@ -2,6 +2,9 @@
 //! the prompt renderer that defines what a PromptVersion means. No client or runtime code:
 //! the operator, the worker and the tests all build on these types.
 #![forbid(unsafe_code)]
+// Several `printcolumn(...)` entries repeat `type_ = "string"`, which clippy mistakes for
+// a duplicated attribute.
+#![allow(clippy::duplicated_attributes)]
 
 pub mod common;
 pub mod dataset;
@@ -29,6 +32,37 @@ pub const VERSION: &str = "v1alpha1";
 /// The CustomResourceDefinitions of all five kinds, in dependency order.
 pub fn crds() -> Vec<CustomResourceDefinition> {
     vec![Dataset::crd(), FineTuneJob::crd(), PromptVersion::crd(), ModelDeployment::crd(), EvalRun::crd()]
+        .into_iter()
+        .map(unwrap_descriptions)
+        .collect()
+}
+
+/// Doc comments are wrapped at the source's line width; `kubectl explain` wraps text
+/// itself, so line breaks inside a paragraph are joined (paragraph breaks stay).
+fn unwrap_descriptions(crd: CustomResourceDefinition) -> CustomResourceDefinition {
+    fn visit(value: &mut serde_json::Value) {
+        match value {
+            serde_json::Value::Object(map) => {
+                for (key, v) in map.iter_mut() {
+                    match v {
+                        serde_json::Value::String(text) if key == "description" => {
+                            *text = text
+                                .split("\n\n")
+                                .map(|p| p.split('\n').map(str::trim).collect::<Vec<_>>().join(" "))
+                                .collect::<Vec<_>>()
+                                .join("\n\n");
+                        }
+                        _ => visit(v),
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(visit),
+            _ => {}
+        }
+    }
+    let Ok(mut value) = serde_json::to_value(&crd) else { return crd };
+    visit(&mut value["spec"]["versions"]);
+    serde_json::from_value(value).unwrap_or(crd)
 }
 
 /// One CRD as the YAML document checked in under crds/manifests/.

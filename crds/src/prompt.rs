@@ -25,7 +25,12 @@ use crate::common::{CommonStatus, GenerationParameters};
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
     printcolumn(name = "Prompt", type_ = "string", json_path = ".spec.prompt"),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase", priority = 1),
-    printcolumn(name = "Digest", type_ = "string", json_path = ".status.digest", description = "sha256 of the prompt's content"),
+    printcolumn(
+        name = "Digest",
+        type_ = "string",
+        json_path = ".status.digest",
+        description = "sha256 of the prompt's content"
+    ),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]

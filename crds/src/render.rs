@@ -125,8 +125,7 @@ impl PromptVersionSpec {
         let env = environment();
         let declared: BTreeSet<&str> = self.variables.iter().map(|v| v.name.as_str()).collect();
         for part in parts(self) {
-            let template =
-                env.template_from_str(part.source).map_err(|e| syntax_error(&part.location, &e))?;
+            let template = env.template_from_str(part.source).map_err(|e| syntax_error(&part.location, &e))?;
             let mut used: Vec<String> = template.undeclared_variables(false).into_iter().collect();
             used.sort();
             if let Some(name) = used.into_iter().find(|n| !declared.contains(n.as_str())) {
@@ -134,20 +133,15 @@ impl PromptVersionSpec {
             }
         }
         for example in &self.examples {
-            self.render(&example.variables).map_err(|e| PromptError::Example {
-                example: example.name.clone(),
-                source: Box::new(e),
-            })?;
+            self.render(&example.variables)
+                .map_err(|e| PromptError::Example { example: example.name.clone(), source: Box::new(e) })?;
         }
         Ok(())
     }
 
     /// Renders the prompt with the given variable values; declared defaults fill in
     /// the rest.
-    pub fn render<V: Serialize>(
-        &self,
-        values: &BTreeMap<String, V>,
-    ) -> Result<RenderedPrompt, PromptError> {
+    pub fn render<V: Serialize>(&self, values: &BTreeMap<String, V>) -> Result<RenderedPrompt, PromptError> {
         let declared: BTreeSet<&str> = self.variables.iter().map(|v| v.name.as_str()).collect();
         if let Some(name) = values.keys().find(|k| !declared.contains(k.as_str())) {
             return Err(PromptError::UnknownVariable { name: name.clone() });
@@ -167,12 +161,10 @@ impl PromptVersionSpec {
         let mut messages = Vec::new();
         let mut text = None;
         for part in parts(self) {
-            let template =
-                env.template_from_str(part.source).map_err(|e| syntax_error(&part.location, &e))?;
-            let rendered = template.render(&context).map_err(|e| PromptError::Render {
-                location: part.location.clone(),
-                detail: e.to_string(),
-            })?;
+            let template = env.template_from_str(part.source).map_err(|e| syntax_error(&part.location, &e))?;
+            let rendered = template
+                .render(&context)
+                .map_err(|e| PromptError::Render { location: part.location.clone(), detail: e.to_string() })?;
             match part.role {
                 Some(role) => messages.push(ChatMessage { role: role.to_string(), content: rendered }),
                 None => text = Some(rendered),
@@ -225,10 +217,8 @@ examples:
     fn renders_messages_with_defaults_and_values() {
         let s = spec(SUPPORT);
         s.validate().expect("valid");
-        let values = BTreeMap::from([
-            ("question".to_string(), "Hi?".to_string()),
-            ("tone".to_string(), "brief".to_string()),
-        ]);
+        let values =
+            BTreeMap::from([("question".to_string(), "Hi?".to_string()), ("tone".to_string(), "brief".to_string())]);
         let rendered = s.render(&values).expect("renders");
         assert_eq!(
             rendered,
@@ -249,10 +239,8 @@ examples:
     #[test]
     fn unknown_variable_is_an_error() {
         let s = spec(SUPPORT);
-        let values = BTreeMap::from([
-            ("question".to_string(), "x".to_string()),
-            ("colour".to_string(), "red".to_string()),
-        ]);
+        let values =
+            BTreeMap::from([("question".to_string(), "x".to_string()), ("colour".to_string(), "red".to_string())]);
         assert_eq!(s.render(&values).unwrap_err(), PromptError::UnknownVariable { name: "colour".into() });
     }
 
@@ -260,10 +248,7 @@ examples:
     fn undeclared_variable_in_template_fails_validation() {
         let s = spec("prompt: p\ntemplate: 'Hello {{ name }} from {{ place }}'\nvariables: [{name: name}]\n");
         let err = s.validate().unwrap_err();
-        assert_eq!(
-            err,
-            PromptError::UndeclaredVariable { location: "template".into(), name: "place".into() }
-        );
+        assert_eq!(err, PromptError::UndeclaredVariable { location: "template".into(), name: "place".into() });
         assert!(err.to_string().contains("\"place\""), "{err}");
     }
 

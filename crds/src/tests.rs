@@ -45,7 +45,9 @@ fn checked_in_crds_match_the_types() {
     );
 }
 
-fn crd_json(crd: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition) -> Value {
+fn crd_json(
+    crd: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+) -> Value {
     serde_json::to_value(crd).expect("CRD serializes")
 }
 
@@ -123,9 +125,10 @@ fn every_cel_rule_sits_under_bounded_lists_and_strings() {
                 let read = whole
                     || relative.is_empty()
                     || fields.iter().any(|f| {
-                        relative.strip_prefix('.').and_then(|r| r.strip_prefix(f.as_str())).is_some_and(|r| {
-                            r.is_empty() || r.starts_with(['.', '[', '{'])
-                        })
+                        relative
+                            .strip_prefix('.')
+                            .and_then(|r| r.strip_prefix(f.as_str()))
+                            .is_some_and(|r| r.is_empty() || r.starts_with(['.', '[', '{']))
                     });
                 if !read {
                     return;

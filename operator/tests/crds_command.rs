@@ -12,7 +12,8 @@ fn prints_every_checked_in_crd() {
     let out = Command::new(env!("CARGO_BIN_EXE_llmops-operator")).arg("crds").output().expect("runs");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let printed = String::from_utf8(out.stdout).expect("utf-8");
-    let mut names: Vec<_> = std::fs::read_dir(manifests_dir()).expect("manifests").map(|e| e.expect("entry").path()).collect();
+    let mut names: Vec<_> =
+        std::fs::read_dir(manifests_dir()).expect("manifests").map(|e| e.expect("entry").path()).collect();
     names.sort();
     assert_eq!(names.len(), 5);
     for path in names {
@@ -28,11 +29,8 @@ fn prints_every_checked_in_crd() {
 #[test]
 fn write_produces_the_checked_in_files() {
     let dir = std::env::temp_dir().join(format!("llmops-crds-{}", std::process::id()));
-    let out = Command::new(env!("CARGO_BIN_EXE_llmops-operator"))
-        .args(["crds", "--write"])
-        .arg(&dir)
-        .output()
-        .expect("runs");
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_llmops-operator")).args(["crds", "--write"]).arg(&dir).output().expect("runs");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     for entry in std::fs::read_dir(manifests_dir()).expect("manifests") {
         let path = entry.expect("entry").path();

@@ -15,7 +15,7 @@ pub mod validate;
 
 pub use file::{AssignmentFileError, parse_assignment, read_assignment, to_yaml};
 pub use v1::assignment::Mode;
-pub use v1::{Assignment, FinetuneAssignment, EvalAssignment, PrepareAssignment, ServeAssignment};
+pub use v1::{Assignment, EvalAssignment, FinetuneAssignment, PrepareAssignment, ServeAssignment};
 pub use validate::{FieldError, Validate};
 
 /// The encoded FileDescriptorSet of the protocol (for gRPC reflection and tooling).

@@ -5,8 +5,8 @@ use std::collections::BTreeSet;
 use std::fmt;
 
 use crate::v1::{
-    self, Artifact, Assignment, EvalAssignment, FinetuneAssignment, Model, PrepareAssignment,
-    ServeAssignment, assignment::Mode, data_source, eval_target, transform,
+    self, Artifact, Assignment, EvalAssignment, FinetuneAssignment, Model, PrepareAssignment, ServeAssignment,
+    assignment::Mode, data_source, eval_target, transform,
 };
 
 /// One thing wrong with an Assignment.
@@ -288,11 +288,7 @@ fn finetune(c: &mut Checker, f: &FinetuneAssignment) {
         c.check(h.max_seq_length >= 8, "finetune.hyperparameters.maxSeqLength", "must be at least 8");
         c.check(h.eval_interval >= 1, "finetune.hyperparameters.evalInterval", "must be at least 1");
         if h.max_steps > 0 {
-            c.check(
-                h.warmup_steps <= h.max_steps,
-                "finetune.hyperparameters.warmupSteps",
-                "must not exceed maxSteps",
-            );
+            c.check(h.warmup_steps <= h.max_steps, "finetune.hyperparameters.warmupSteps", "must not exceed maxSteps");
         }
     }
     if let Some(ck) = &f.checkpoints {
@@ -302,11 +298,7 @@ fn finetune(c: &mut Checker, f: &FinetuneAssignment) {
     }
     if let Some(es) = &f.early_stopping {
         c.check(es.patience >= 1, "finetune.earlyStopping.patience", "must be at least 1");
-        c.check(
-            f.validation.is_some(),
-            "finetune.earlyStopping",
-            "needs a validation split to watch",
-        );
+        c.check(f.validation.is_some(), "finetune.earlyStopping", "needs a validation split to watch");
     }
     c.output("finetune.output", f.output.as_ref());
 }
@@ -362,7 +354,11 @@ fn eval(c: &mut Checker, e: &EvalAssignment) {
             }
         }
     }
-    c.check(!seen.contains("regexMatch") || !e.regex.is_empty(), "eval.regex", "is required when metrics lists regexMatch");
+    c.check(
+        !seen.contains("regexMatch") || !e.regex.is_empty(),
+        "eval.regex",
+        "is required when metrics lists regexMatch",
+    );
     if let Some(b) = &e.baseline {
         c.check(b.max_regression >= 0.0, "eval.baseline.maxRegression", "must not be negative");
     }

@@ -14,7 +14,9 @@ fn example(name: &str) -> llmops_proto::Assignment {
 
 #[test]
 fn every_example_parses_and_validates() {
-    for (file, mode) in [("prepare.yaml", "prepare"), ("finetune.yaml", "finetune"), ("eval.yaml", "eval"), ("serve.yaml", "serve")] {
+    for (file, mode) in
+        [("prepare.yaml", "prepare"), ("finetune.yaml", "finetune"), ("eval.yaml", "eval"), ("serve.yaml", "serve")]
+    {
         let a = example(file);
         assert_eq!(a.mode.as_ref().map(Mode::name), Some(mode), "{file}");
         if let Err(errors) = a.validate() {
@@ -73,10 +75,7 @@ fn errors_of(yaml: &str) -> Vec<String> {
 fn invalid_assignments_name_the_field() {
     let cases = [
         ("{}", "exactly one of prepare, finetune, eval or serve"),
-        (
-            "finetune:\n  method: qlora\n",
-            "finetune.method: must be one of lora, full, got \"qlora\"",
-        ),
+        ("finetune:\n  method: qlora\n", "finetune.method: must be one of lora, full, got \"qlora\""),
         (
             "finetune:\n  method: lora\n  hyperparameters: {epochs: 1, batchSize: 1, gradientAccumulationSteps: 1, learningRate: -0.1, lrSchedule: cosine, maxSeqLength: 64, evalInterval: 1}\n",
             "finetune.hyperparameters.learningRate: must be greater than 0",

@@ -140,7 +140,8 @@ impl TestNamespace {
             std::process::id(),
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.subsec_nanos()
         );
-        let base: String = test.to_lowercase().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
+        let base: String =
+            test.to_lowercase().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
         let name = format!("t-{}-{suffix}", base.chars().take(40).collect::<String>().trim_matches('-'));
         let ns: Namespace = serde_json::from_value(serde_json::json!({
             "metadata": {"name": name, "labels": {"llmops.dev/test": "true"}}
@@ -189,7 +190,11 @@ pub fn yaml_documents(path: &Path) -> Result<Vec<Value>> {
 
 /// Server-side applies one manifest into `namespace` with strict field validation.
 /// Returns the apiserver's refusal as text, so tests can assert what it says.
-pub async fn apply_manifest(client: &Client, namespace: &str, manifest: &Value) -> Result<Result<DynamicObject, String>> {
+pub async fn apply_manifest(
+    client: &Client,
+    namespace: &str,
+    manifest: &Value,
+) -> Result<Result<DynamicObject, String>> {
     let api_version = manifest["apiVersion"].as_str().context("manifest without apiVersion")?;
     let kind = manifest["kind"].as_str().context("manifest without kind")?;
     let name = manifest["metadata"]["name"].as_str().context("manifest without metadata.name")?;

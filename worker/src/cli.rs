@@ -287,22 +287,22 @@ fn build_finetune(args: &FinetuneArgs) -> Result<Assignment> {
         let out = f.output.as_ref().map(|o| o.uri.trim_end_matches('/').to_string())?;
         Some(format!("{out}/checkpoints"))
     });
-    if f.checkpoints.is_none() || args.checkpoints.is_some() {
-        if let Some(dir) = checkpoint_dir {
-            let defaults = CheckpointSpec::default();
-            let ck = f.checkpoints.get_or_insert_with(|| v1::Checkpoints {
-                uri: String::new(),
-                interval_steps: u64::try_from(defaults.interval_steps).unwrap_or(100),
-                keep: u32::try_from(defaults.keep).unwrap_or(2),
-                resume: false,
-            });
-            ck.uri = to_uri(&dir);
-        }
+    if (f.checkpoints.is_none() || args.checkpoints.is_some())
+        && let Some(dir) = checkpoint_dir
+    {
+        let defaults = CheckpointSpec::default();
+        let ck = f.checkpoints.get_or_insert_with(|| v1::Checkpoints {
+            uri: String::new(),
+            interval_steps: u64::try_from(defaults.interval_steps).unwrap_or(100),
+            keep: u32::try_from(defaults.keep).unwrap_or(2),
+            resume: false,
+        });
+        ck.uri = to_uri(&dir);
     }
-    if args.resume {
-        if let Some(ck) = f.checkpoints.as_mut() {
-            ck.resume = true;
-        }
+    if args.resume
+        && let Some(ck) = f.checkpoints.as_mut()
+    {
+        ck.resume = true;
     }
     Ok(a)
 }
@@ -352,7 +352,8 @@ fn build_eval(args: &EvalArgs) -> Result<Assignment> {
             model: args.endpoint_model.clone().unwrap_or_default(),
             api_key_file: String::new(),
         };
-        e.target = Some(v1::EvalTarget { target: Some(v1::eval_target::Target::Endpoint(endpoint)), revision: String::new() });
+        e.target =
+            Some(v1::EvalTarget { target: Some(v1::eval_target::Target::Endpoint(endpoint)), revision: String::new() });
     }
     if let Some(d) = &args.data {
         e.data = Some(artifact(d));
@@ -383,9 +384,7 @@ fn build_serve(args: &ServeArgs) -> Result<Assignment> {
         s.model_name = n.clone();
     }
     for spec in &args.adapters {
-        let (name, dir) = spec
-            .split_once('=')
-            .with_context(|| format!("--adapter {spec:?}: expected NAME=DIR"))?;
+        let (name, dir) = spec.split_once('=').with_context(|| format!("--adapter {spec:?}: expected NAME=DIR"))?;
         s.adapters.retain(|a| a.name != name);
         s.adapters.push(v1::ServedAdapter { name: name.to_string(), adapter: Some(artifact(dir)) });
     }

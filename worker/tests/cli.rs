@@ -27,19 +27,42 @@ fn check_accepts_every_example_assignment() {
 
 #[test]
 fn flags_build_a_finetune_assignment_with_the_crd_defaults() {
-    let out = worker(&["finetune", "--model", "/m/smol.gguf", "--data", "train.jsonl", "--out", "/tmp/out", "--max-steps", "30", "--check"]);
+    let out = worker(&[
+        "finetune",
+        "--model",
+        "/m/smol.gguf",
+        "--data",
+        "train.jsonl",
+        "--out",
+        "/tmp/out",
+        "--max-steps",
+        "30",
+        "--check",
+    ]);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
     assert!(stdout.contains("uri: file:///m/smol.gguf"), "{stdout}");
     assert!(stdout.contains("format: gguf"), "{stdout}");
-    assert!(stdout.contains("maxSteps: '30'") || stdout.contains("maxSteps: \"30\"") || stdout.contains("maxSteps: 30"), "{stdout}");
+    assert!(
+        stdout.contains("maxSteps: '30'") || stdout.contains("maxSteps: \"30\"") || stdout.contains("maxSteps: 30"),
+        "{stdout}"
+    );
     assert!(stdout.contains("learningRate: 0.0002"), "the FineTuneJob default: {stdout}");
     assert!(stdout.contains("file:///tmp/out/checkpoints"), "{stdout}");
 }
 
 #[test]
 fn flags_override_the_assignment_file() {
-    let out = worker(&["serve", "--assignment", &example("serve.yaml"), "--port", "9001", "--adapter", "extra=/a/extra", "--check"]);
+    let out = worker(&[
+        "serve",
+        "--assignment",
+        &example("serve.yaml"),
+        "--port",
+        "9001",
+        "--adapter",
+        "extra=/a/extra",
+        "--check",
+    ]);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
     assert!(stdout.contains("port: 9001"), "{stdout}");
