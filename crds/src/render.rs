@@ -89,6 +89,22 @@ pub fn environment() -> Environment<'static> {
     env
 }
 
+/// The Jinja environment of the chat templates models ship, with the semantics they
+/// are written for: blocks trimmed, undefined values lenient, Python string methods
+/// (`.strip()`, `.startswith()`) and `raise_exception`.
+pub fn chat_template_environment() -> Environment<'static> {
+    let mut env = Environment::new();
+    let syntax = minijinja::syntax::SyntaxConfig::builder().trim_blocks(true).lstrip_blocks(true).build();
+    if let Ok(syntax) = syntax {
+        env.set_syntax(syntax);
+    }
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function("raise_exception", |message: String| -> Result<String, minijinja::Error> {
+        Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, message))
+    });
+    env
+}
+
 /// One template of a prompt with where it sits in the spec.
 struct Part<'a> {
     location: String,

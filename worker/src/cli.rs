@@ -33,6 +33,8 @@ enum ModeCommand {
     Eval(EvalArgs),
     /// Serve a model with an OpenAI-compatible API.
     Serve(ServeArgs),
+    /// Measure prompt and decode speed, beside llama.cpp on the same model.
+    Bench(llmops_worker::bench::BenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -416,6 +418,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         ModeCommand::Finetune(a) => (build_finetune(a)?, a.common.check),
         ModeCommand::Eval(a) => (build_eval(a)?, a.common.check),
         ModeCommand::Serve(a) => (build_serve(a)?, a.common.check),
+        ModeCommand::Bench(a) => {
+            llmops_worker::bench::run(a)?;
+            return Ok(ExitCode::SUCCESS);
+        }
     };
     if let Err(errors) = assignment.validate() {
         bail!("invalid assignment:\n{}", describe(&errors));

@@ -1,0 +1,293 @@
+//! A Llama-family decoder (Llama 2/3, Mistral, SmolLM2, TinyLlama, Qwen2) with a KV cache
+//! per sequence and a batched decode step that advances many sequences at once.
+
+use anyhow::{Result, bail};
+use candle_core::quantized::QMatMul;
+use candle_core::{D, DType, Device, Module, Tensor};
+
+/// Architecture of the decoder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    /// Llama, Mistral, SmolLM2, TinyLlama.
+    Llama,
+    /// Qwen2: biases on the q/k/v projections.
+    Qwen2,
+}
+
+/// Shapes and constants of a model.
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    /// The architecture.
+    pub arch: Arch,
+    /// Width of the residual stream.
+    pub hidden_size: usize,
+    /// Width of the MLP.
+    pub intermediate_size: usize,
+    /// Number of decoder blocks.
+    pub num_layers: usize,
+    /// Attention heads.
+    pub num_heads: usize,
+    /// Key/value heads (grouped-query attention when fewer than heads).
+    pub num_kv_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+    /// Epsilon of RMS normalisation.
+    pub rms_norm_eps: f64,
+    /// Base of the rotary embedding frequencies.
+    pub rope_theta: f32,
+    /// Longest sequence the model was trained for.
+    pub context_length: usize,
+    /// Rows of the embedding.
+    pub vocab_size: usize,
+    /// Whether q/k are stored for llama.cpp's interleaved rotary layout (GGUF Llama).
+    pub interleaved_rope: bool,
+}
+
+/// A linear layer: quantized or dense weights, optional bias.
+#[derive(Debug)]
+pub struct Linear {
+    weight: QMatMul,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// A layer from its weight ([out, in]) and bias.
+    pub fn new(weight: QMatMul, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.weight.forward(x)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+/// One decoder block.
+#[derive(Debug)]
+pub struct Block {
+    pub(crate) attn_norm: Tensor,
+    pub(crate) q: Linear,
+    pub(crate) k: Linear,
+    pub(crate) v: Linear,
+    pub(crate) o: Linear,
+    pub(crate) ffn_norm: Tensor,
+    pub(crate) gate: Linear,
+    pub(crate) up: Linear,
+    pub(crate) down: Linear,
+}
+
+/// The keys and values one sequence has seen, per layer.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Tokens cached so far (the position of the next token).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Forgets everything.
+    pub fn clear(&mut self) {
+        self.layers.clear();
+        self.len = 0;
+    }
+
+    /// Appends k/v ([1, kv_heads, t, head_dim]) of one layer; returns everything cached.
+    fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+        if self.layers.len() <= layer {
+            self.layers.resize(layer + 1, None);
+        }
+        let merged = match self.layers[layer].take() {
+            None => (k, v),
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+        };
+        self.layers[layer] = Some(merged.clone());
+        Ok(merged)
+    }
+}
+
+/// Rounds f32 values to the nearest f16 (no-op for other dtypes).
+fn round_f16(x: &Tensor) -> Result<Tensor> {
+    Ok(if x.dtype() == DType::F32 { x.to_dtype(DType::F16)?.to_dtype(DType::F32)? } else { x.clone() })
+}
+
+/// The decoder.
+#[derive(Debug)]
+pub struct LlamaModel {
+    pub(crate) config: ModelConfig,
+    pub(crate) embed: Tensor,
+    pub(crate) blocks: Vec<Block>,
+    pub(crate) norm: Tensor,
+    pub(crate) lm_head: Linear,
+    cos: Tensor,
+    sin: Tensor,
+    device: Device,
+}
+
+impl LlamaModel {
+    /// Assembles a model from loaded weights and precomputes the rotary tables.
+    pub(crate) fn new(
+        config: ModelConfig,
+        embed: Tensor,
+        blocks: Vec<Block>,
+        norm: Tensor,
+        lm_head: Linear,
+        device: &Device,
+    ) -> Result<Self> {
+        if blocks.len() != config.num_layers {
+            bail!("the model declares {} layers but {} were loaded", config.num_layers, blocks.len());
+        }
+        let half = config.head_dim / 2;
+        let inv_freq: Vec<f32> =
+            (0..half).map(|i| 1.0 / config.rope_theta.powf(2.0 * i as f32 / config.head_dim as f32)).collect();
+        let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
+        let positions = Tensor::arange(0u32, config.context_length as u32, device)?
+            .to_dtype(DType::F32)?
+            .reshape((config.context_length, 1))?;
+        let freqs = positions.matmul(&inv_freq)?;
+        Ok(Self { cos: freqs.cos()?, sin: freqs.sin()?, config, embed, blocks, norm, lm_head, device: device.clone() })
+    }
+
+    /// Shapes and constants.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn rope(&self, x: &Tensor, offset: usize, len: usize) -> Result<Tensor> {
+        let cos = self.cos.narrow(0, offset, len)?;
+        let sin = self.sin.narrow(0, offset, len)?;
+        let x = x.contiguous()?;
+        Ok(if self.config.interleaved_rope {
+            candle_nn::rotary_emb::rope_i(&x, &cos, &sin)?
+        } else {
+            candle_nn::rotary_emb::rope(&x, &cos, &sin)?
+        })
+    }
+
+    /// Attention of `t` new positions of one sequence; q/k/v are [t, heads * head_dim].
+    fn attend(&self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let c = &self.config;
+        let (t, _) = q.dims2()?;
+        let offset = cache.len;
+        if offset + t > c.context_length {
+            bail!("sequence of {} tokens exceeds the context length {}", offset + t, c.context_length);
+        }
+        let q = q.reshape((1, t, c.num_heads, c.head_dim))?.transpose(1, 2)?;
+        let k = k.reshape((1, t, c.num_kv_heads, c.head_dim))?.transpose(1, 2)?;
+        let v = v.reshape((1, t, c.num_kv_heads, c.head_dim))?.transpose(1, 2)?.contiguous()?;
+        let q = self.rope(&q, offset, t)?;
+        let k = self.rope(&k, offset, t)?;
+        // Keys, values and the operands of the attention products are rounded to f16,
+        // as in llama.cpp's default f16 KV cache, so near-tie tokens resolve alike.
+        let (k, v) = cache.append(layer, round_f16(&k)?, round_f16(&v)?)?;
+        let total = offset + t;
+        // Grouped-query attention without copying keys: the query heads that share a key
+        // head are stacked along the row axis.
+        let group = c.num_heads / c.num_kv_heads;
+        let q = q.reshape((1, c.num_kv_heads, group * t, c.head_dim))?;
+        let scale = 1.0 / (c.head_dim as f64).sqrt();
+        let mut scores = (q.matmul(&k.t()?)? * scale)?;
+        if t > 1 {
+            let mask: Vec<f32> = (0..t)
+                .flat_map(|i| (0..total).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 }))
+                .collect();
+            let mask = Tensor::from_vec(mask, (t, total), &self.device)?.repeat((group, 1))?;
+            scores = scores.broadcast_add(&mask)?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = probs.matmul(&v)?; // [1, kv_heads, group * t, head_dim]
+        let out = out.reshape((1, c.num_heads, t, c.head_dim))?.transpose(1, 2)?;
+        Ok(out.reshape((t, c.num_heads * c.head_dim))?)
+    }
+
+    fn mlp(block: &Block, x: &Tensor) -> Result<Tensor> {
+        let gate = candle_nn::ops::silu(&block.gate.forward(x)?)?;
+        let up = block.up.forward(x)?;
+        block.down.forward(&(gate * up)?)
+    }
+
+    /// Runs `tokens` of one sequence through the model, appending them to its cache.
+    /// Returns logits [n, vocab] of the last position, or of every position when
+    /// `all_positions` (for perplexity).
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, all_positions: bool) -> Result<Tensor> {
+        if tokens.is_empty() {
+            bail!("no tokens to run");
+        }
+        let ids = Tensor::new(tokens, &self.device)?;
+        let mut x = self.embed.index_select(&ids, 0)?;
+        let eps = self.config.rms_norm_eps as f32;
+        for (layer, block) in self.blocks.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &block.attn_norm, eps)?;
+            let (q, k, v) = (block.q.forward(&h)?, block.k.forward(&h)?, block.v.forward(&h)?);
+            let attn = self.attend(layer, &q, &k, &v, cache)?;
+            x = (x + block.o.forward(&attn)?)?;
+            let h = candle_nn::ops::rms_norm(&x, &block.ffn_norm, eps)?;
+            x = (&x + Self::mlp(block, &h)?)?;
+        }
+        cache.len += tokens.len();
+        if !all_positions {
+            x = x.narrow(0, tokens.len() - 1, 1)?;
+        }
+        let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
+        self.lm_head.forward(&x)
+    }
+
+    /// One decode step of several sequences at once: `tokens[i]` is the next token of
+    /// the sequence cached in `caches[i]`. The projections and the MLP run as one batch;
+    /// attention runs per sequence over its own cache. Returns logits [batch, vocab].
+    pub fn decode_batch(&self, tokens: &[u32], caches: &mut [&mut KvCache]) -> Result<Tensor> {
+        if tokens.len() != caches.len() || tokens.is_empty() {
+            bail!("decode_batch needs one token per cache, got {} and {}", tokens.len(), caches.len());
+        }
+        let ids = Tensor::new(tokens, &self.device)?;
+        let mut x = self.embed.index_select(&ids, 0)?;
+        let eps = self.config.rms_norm_eps as f32;
+        for (layer, block) in self.blocks.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &block.attn_norm, eps)?;
+            let (q, k, v) = (block.q.forward(&h)?, block.k.forward(&h)?, block.v.forward(&h)?);
+            let mut outs = Vec::with_capacity(tokens.len());
+            for (i, cache) in caches.iter_mut().enumerate() {
+                let (qi, ki, vi) = (q.narrow(0, i, 1)?, k.narrow(0, i, 1)?, v.narrow(0, i, 1)?);
+                outs.push(self.attend(layer, &qi, &ki, &vi, cache)?);
+            }
+            let attn = Tensor::cat(&outs, 0)?;
+            x = (x + block.o.forward(&attn)?)?;
+            let h = candle_nn::ops::rms_norm(&x, &block.ffn_norm, eps)?;
+            x = (&x + Self::mlp(block, &h)?)?;
+        }
+        for cache in caches.iter_mut() {
+            cache.len += 1;
+        }
+        let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
+        self.lm_head.forward(&x)
+    }
+
+    /// Log-probabilities of each next token given the previous ones, for `tokens` in a
+    /// fresh context: element i is log p(tokens[i + 1] | tokens[..=i]).
+    pub fn token_log_probs(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        if tokens.len() < 2 {
+            return Ok(Vec::new());
+        }
+        let mut cache = KvCache::default();
+        let logits = self.forward(&tokens[..tokens.len() - 1], &mut cache, true)?;
+        let log_probs = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
+        let targets = Tensor::new(&tokens[1..], &self.device)?.unsqueeze(1)?;
+        Ok(log_probs.gather(&targets, 1)?.squeeze(1)?.to_vec1()?)
+    }
+}

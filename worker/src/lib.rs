@@ -1,0 +1,5 @@
+//! The llmops worker library: the engine and the modes.
+#![deny(unsafe_code)]
+
+pub mod bench;
+pub mod engine;
