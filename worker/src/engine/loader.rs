@@ -172,6 +172,15 @@ fn load_gguf(path: &Path, device: &Device, weights: WeightFormat) -> Result<Load
     Ok(LoadedModel { model, tokenizer, chat_template, path: path.to_path_buf() })
 }
 
+/// Undoes llama.cpp's reordering of a Llama q or k projection ([heads * head_dim, in]):
+/// GGUF files store each head's rows interleaved for its rotary layout; HF (and PEFT)
+/// keep the two rotary halves apart.
+pub fn gguf_qk_to_hf(weight: &Tensor, heads: usize) -> Result<Tensor> {
+    let (out, inp) = weight.dims2()?;
+    let head_dim = out / heads;
+    Ok(weight.reshape((heads, head_dim / 2, 2, inp))?.transpose(1, 2)?.contiguous()?.reshape((out, inp))?)
+}
+
 fn check_tokenizer(tokenizer: &TextTokenizer, vocab_size: usize) -> Result<()> {
     let n = tokenizer.vocab_size();
     if n > vocab_size {

@@ -189,6 +189,11 @@ impl TextTokenizer {
         self.special.decode(ids, skip_special).map_err(|e| anyhow::anyhow!("detokenizing: {e}"))
     }
 
+    /// Writes the tokenizer as an HF tokenizer.json.
+    pub fn save(&self, path: &std::path::Path) -> Result<()> {
+        self.special.save(path, false).map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
+    }
+
     /// Number of tokens in the vocabulary, special tokens included.
     pub fn vocab_size(&self) -> usize {
         self.special.get_vocab_size(true)

@@ -1,4 +1,5 @@
 //! Shared by the worker's integration tests: the real test model and the fixtures.
+#![allow(dead_code)] // each test binary uses a different part
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
