@@ -32,8 +32,9 @@ pub struct BenchArgs {
     /// Threads of both engines.
     #[arg(long, default_value_t = 2)]
     threads: usize,
-    /// as-stored (GGUF stays quantized) or dense (weights dequantized to f32).
-    #[arg(long, default_value = "as-stored")]
+    /// as-stored (GGUF stays quantized), dense (dequantized to f32) or hybrid (quantized
+    /// for decoding, dense for the prompt).
+    #[arg(long, default_value = "hybrid")]
     weights: String,
     /// Python with llama-cpp-python installed (scripts/llamacpp-env prints one); the
     /// comparison is skipped without it.
@@ -67,7 +68,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let weights = match args.weights.as_str() {
         "as-stored" => WeightFormat::AsStored,
         "dense" => WeightFormat::Dense,
-        other => bail!("--weights must be as-stored or dense, got {other:?}"),
+        "hybrid" => WeightFormat::Hybrid,
+        other => bail!("--weights must be as-stored, dense or hybrid, got {other:?}"),
     };
     let loaded = load(&args.model, &crate::engine::device(), weights)?;
     let mut prompt = loaded.tokenizer.encode_prompt(&PROMPT_TEXT.repeat(1 + args.prompt_tokens / 40))?;

@@ -12,9 +12,18 @@ use llmops_worker::engine::{
     FinishReason, GenerateRequest, LoadedModel, SamplingParams, WeightFormat, generate, generate_batch, load,
 };
 
+/// The model as stored: quantized weights and quantized activations in every product,
+/// the arithmetic llama.cpp does, so its outputs can be compared token for token.
 fn model() -> &'static LoadedModel {
     static MODEL: OnceLock<LoadedModel> = OnceLock::new();
     MODEL.get_or_init(|| load(&test_model(), &Device::Cpu, WeightFormat::AsStored).expect("the test model loads"))
+}
+
+/// The model as the worker runs it on a CPU by default: dense f32 weights for prompts,
+/// Q8_0 for decoding. Same model, different rounding.
+fn hybrid() -> &'static LoadedModel {
+    static MODEL: OnceLock<LoadedModel> = OnceLock::new();
+    MODEL.get_or_init(|| load(&test_model(), &Device::Cpu, WeightFormat::Hybrid).expect("the test model loads"))
 }
 
 fn greedy(prompt: Vec<u32>, max_tokens: usize) -> GenerateRequest {
@@ -96,7 +105,10 @@ fn greedy_continuations_match_llamacpp() {
 }
 
 fn chat(question: &str) -> Vec<u32> {
-    let m = model();
+    chat_for(model(), question)
+}
+
+fn chat_for(m: &LoadedModel, question: &str) -> Vec<u32> {
     let messages = [ChatMessage { role: "user".into(), content: question.into() }];
     let prompt = render_chat(m.chat_template.as_deref(), &messages, true, "", "").expect("chat template renders");
     m.tokenizer.encode_prompt(&prompt).expect("encodes")
@@ -162,4 +174,29 @@ fn perplexity_agrees_with_llamacpp() {
     let ours = mean_nll.exp();
     let theirs = fx["perplexity"].as_f64().expect("perplexity");
     assert!((ours / theirs - 1.0).abs() < 0.01, "perplexity {ours:.4} vs llama.cpp {theirs:.4}");
+}
+
+#[test]
+fn the_hybrid_layout_is_the_same_model() {
+    let m = hybrid();
+    let out =
+        generate(m, &greedy(chat_for(m, "What is the capital of France? Answer in one word."), 24)).expect("generates");
+    assert!(out.text.contains("Paris"), "{:?}", out.text);
+
+    // Without activation quantization the perplexity moves a little, not more.
+    let fx = fixture("smollm2-perplexity.json");
+    let tokens = ids(&fx["ids"]);
+    let log_probs = m.model.token_log_probs(&tokens).expect("scores");
+    let ours = (-log_probs.iter().map(|&l| f64::from(l)).sum::<f64>() / log_probs.len() as f64).exp();
+    let theirs = fx["perplexity"].as_f64().expect("perplexity");
+    assert!((ours / theirs - 1.0).abs() < 0.03, "perplexity {ours:.4} vs llama.cpp {theirs:.4}");
+
+    let requests: Vec<GenerateRequest> = ["Water boils at", "The quick brown fox jumps over"]
+        .iter()
+        .map(|p| greedy(m.tokenizer.encode_prompt(p).expect("encodes"), 16))
+        .collect();
+    let together = generate_batch(m, &requests).expect("batch");
+    for (r, b) in requests.iter().zip(&together) {
+        assert_eq!(generate(m, r).expect("alone").tokens, b.tokens);
+    }
 }

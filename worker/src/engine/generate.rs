@@ -92,9 +92,9 @@ impl<'a> Active<'a> {
         let text = model.tokenizer.decode(&self.generated, true)?;
         if let Some(cut) = self.request.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
             self.done = Some((FinishReason::Stop, text[..cut].to_string()));
-        } else if self.generated.len() >= self.request.max_tokens {
-            self.done = Some((FinishReason::Length, text));
-        } else if self.cache.len() + 1 >= model.model.config().context_length {
+        } else if self.generated.len() >= self.request.max_tokens
+            || self.cache.len() + 1 >= model.model.config().context_length
+        {
             self.done = Some((FinishReason::Length, text));
         }
         Ok(())

@@ -20,6 +20,24 @@ pub enum WeightFormat {
     AsStored,
     /// Every weight dequantized to dense floating point.
     Dense,
+    /// Quantized weights for decoding plus a dense copy for prompt processing (GGUF on
+    /// CPU); costs the memory of both.
+    Hybrid,
+}
+
+impl WeightFormat {
+    /// The format for a model on `device`: hybrid for GGUF models whose dense copy fits
+    /// in `max_dense_bytes`, as stored otherwise.
+    pub fn auto(path: &Path, device: &Device, max_dense_bytes: u64) -> Self {
+        let is_file = path.is_file();
+        let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(u64::MAX);
+        // A 4-bit file grows about eightfold when dequantized to f32.
+        if device.is_cpu() && is_file && size.saturating_mul(8) <= max_dense_bytes {
+            WeightFormat::Hybrid
+        } else {
+            WeightFormat::AsStored
+        }
+    }
 }
 
 /// A loaded model with everything needed to talk to it.
@@ -78,14 +96,63 @@ impl Gguf<'_> {
     }
 
     fn linear(&mut self, name: &str, weights: WeightFormat) -> Result<Linear> {
-        let q = self.qtensor(&format!("{name}.weight"))?;
+        let mut q = self.qtensor(&format!("{name}.weight"))?;
+        if weights == WeightFormat::Hybrid {
+            q = for_cpu_decoding(q, self.device)?;
+        }
         let weight = match weights {
-            WeightFormat::AsStored => QMatMul::from_qtensor(q)?,
+            WeightFormat::AsStored | WeightFormat::Hybrid => QMatMul::from_qtensor(q)?,
             WeightFormat::Dense => QMatMul::Tensor(q.dequantize(self.device)?),
         };
         let bias_name = format!("{name}.bias");
         let bias = if self.has(&bias_name) { Some(self.dense(&bias_name)?) } else { None };
-        Ok(Linear::new(weight, bias))
+        let linear = Linear::new(weight, bias);
+        if weights == WeightFormat::Hybrid { linear.with_dense() } else { Ok(linear) }
+    }
+
+    /// Several projections of the same input stacked by rows into one layer. GGUF stores
+    /// each row as whole blocks, so stacking the raw bytes stacks the rows exactly.
+    fn stacked(&mut self, names: &[String], weights: WeightFormat) -> Result<Linear> {
+        let mut parts = Vec::with_capacity(names.len());
+        for name in names {
+            let mut q = self.qtensor(&format!("{name}.weight"))?;
+            if weights == WeightFormat::Hybrid {
+                q = for_cpu_decoding(q, self.device)?;
+            }
+            parts.push(q);
+        }
+        let mut biases = Vec::new();
+        for name in names {
+            let bias_name = format!("{name}.bias");
+            if self.has(&bias_name) {
+                biases.push(self.dense(&bias_name)?);
+            }
+        }
+        let bias = match biases.len() {
+            0 => None,
+            n if n == names.len() => Some(Tensor::cat(&biases, 0)?),
+            _ => bail!("{}: only some of {names:?} have a bias", self.path.display()),
+        };
+        let dtype = parts[0].dtype();
+        let (_, inner) = parts[0].shape().dims2()?;
+        let mut rows = 0;
+        let mut bytes = Vec::new();
+        for (name, part) in names.iter().zip(&parts) {
+            let (r, k) = part.shape().dims2()?;
+            if part.dtype() != dtype || k != inner {
+                bail!("{}: {name} cannot be stacked with {}: different type or width", self.path.display(), names[0]);
+            }
+            rows += r;
+            bytes.extend_from_slice(&part.data()?);
+        }
+        let storage = candle_core::quantized::QStorage::from_data(std::borrow::Cow::Owned(bytes), self.device, dtype)?;
+        let stacked = QTensor::new(storage, (rows, inner))?;
+        let weight = match weights {
+            WeightFormat::AsStored | WeightFormat::Hybrid => QMatMul::from_qtensor(stacked)?,
+            WeightFormat::Dense => QMatMul::Tensor(stacked.dequantize(self.device)?),
+        };
+        let linear = Linear::new(weight, bias);
+        if weights == WeightFormat::Hybrid { linear.with_dense() } else { Ok(linear) }
     }
 
     fn u32(&self, key: &str) -> Result<usize> {
@@ -147,13 +214,10 @@ fn load_gguf(path: &Path, device: &Device, weights: WeightFormat) -> Result<Load
         let p = format!("blk.{i}");
         blocks.push(Block {
             attn_norm: g.dense(&format!("{p}.attn_norm.weight"))?,
-            q: g.linear(&format!("{p}.attn_q"), weights)?,
-            k: g.linear(&format!("{p}.attn_k"), weights)?,
-            v: g.linear(&format!("{p}.attn_v"), weights)?,
+            qkv: g.stacked(&[format!("{p}.attn_q"), format!("{p}.attn_k"), format!("{p}.attn_v")], weights)?,
             o: g.linear(&format!("{p}.attn_output"), weights)?,
             ffn_norm: g.dense(&format!("{p}.ffn_norm.weight"))?,
-            gate: g.linear(&format!("{p}.ffn_gate"), weights)?,
-            up: g.linear(&format!("{p}.ffn_up"), weights)?,
+            gate_up: g.stacked(&[format!("{p}.ffn_gate"), format!("{p}.ffn_up")], weights)?,
             down: g.linear(&format!("{p}.ffn_down"), weights)?,
         });
     }
@@ -164,12 +228,28 @@ fn load_gguf(path: &Path, device: &Device, weights: WeightFormat) -> Result<Load
         // Tied embeddings: the output projection is the embedding matrix.
         match weights {
             WeightFormat::AsStored => Linear::new(QMatMul::from_qtensor(embed_q)?, None),
+            WeightFormat::Hybrid => {
+                Linear::new(QMatMul::from_qtensor(for_cpu_decoding(embed_q, device)?)?, None).with_dense()?
+            }
             WeightFormat::Dense => Linear::new(QMatMul::Tensor(embed.clone()), None),
         }
     };
     let chat_template = g.content.metadata.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned();
     let model = LlamaModel::new(config, embed, blocks, norm, lm_head, device)?;
     Ok(LoadedModel { model, tokenizer, chat_template, path: path.to_path_buf() })
+}
+
+/// Quantized types whose CPU dot products have no vectorised kernel in candle are
+/// requantized to Q8_0 for decoding: its step is a fraction of theirs (it adds about 1/17
+/// of a Q4_1 step of rounding) and its kernel is several times faster.
+fn for_cpu_decoding(q: QTensor, device: &Device) -> Result<QTensor> {
+    use candle_core::quantized::GgmlDType;
+    Ok(match q.dtype() {
+        GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 if device.is_cpu() => {
+            QTensor::quantize(&q.dequantize(device)?, GgmlDType::Q8_0)?
+        }
+        _ => q,
+    })
 }
 
 /// Undoes llama.cpp's reordering of a Llama q or k projection ([heads * head_dim, in]):
@@ -275,28 +355,28 @@ fn load_hf(dir: &Path, device: &Device) -> Result<LoadedModel> {
     let mut blocks = Vec::with_capacity(config.num_layers);
     for i in 0..config.num_layers {
         let p = format!("model.layers.{i}");
-        let mut linear = |name: &str, bias: bool| -> Result<Linear> {
-            let w = take(&format!("{p}.{name}.weight"))?;
-            let b = if bias { Some(take(&format!("{p}.{name}.bias"))?) } else { None };
-            Ok(Linear::new(QMatMul::Tensor(w), b))
+        // Projections of the same input are stacked by rows (see Block).
+        let mut linear = |names: &[&str], bias: bool| -> Result<Linear> {
+            let weights: Vec<Tensor> = names.iter().map(|n| take(&format!("{p}.{n}.weight"))).collect::<Result<_>>()?;
+            let bias = if bias {
+                let biases: Vec<Tensor> =
+                    names.iter().map(|n| take(&format!("{p}.{n}.bias"))).collect::<Result<_>>()?;
+                Some(Tensor::cat(&biases, 0)?)
+            } else {
+                None
+            };
+            Ok(Linear::new(QMatMul::Tensor(Tensor::cat(&weights, 0)?), bias))
         };
-        let qkv_bias = arch == Arch::Qwen2;
-        let q = linear("self_attn.q_proj", qkv_bias)?;
-        let k = linear("self_attn.k_proj", qkv_bias)?;
-        let v = linear("self_attn.v_proj", qkv_bias)?;
-        let o = linear("self_attn.o_proj", false)?;
-        let gate = linear("mlp.gate_proj", false)?;
-        let up = linear("mlp.up_proj", false)?;
-        let down = linear("mlp.down_proj", false)?;
+        let qkv = linear(&["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], arch == Arch::Qwen2)?;
+        let o = linear(&["self_attn.o_proj"], false)?;
+        let gate_up = linear(&["mlp.gate_proj", "mlp.up_proj"], false)?;
+        let down = linear(&["mlp.down_proj"], false)?;
         blocks.push(Block {
             attn_norm: take(&format!("{p}.input_layernorm.weight"))?,
-            q,
-            k,
-            v,
+            qkv,
             o,
             ffn_norm: take(&format!("{p}.post_attention_layernorm.weight"))?,
-            gate,
-            up,
+            gate_up,
             down,
         });
     }

@@ -43,21 +43,40 @@ pub struct ModelConfig {
     pub interleaved_rope: bool,
 }
 
-/// A linear layer: quantized or dense weights, optional bias.
+/// A linear layer: its weight as stored (quantized or dense), optionally a dense copy
+/// for prompt processing, and a bias.
+///
+/// Prompt processing multiplies many rows at once and is bound by arithmetic, where dense
+/// f32 matrix products are fastest; decoding reads every weight once per token and is
+/// bound by memory, where quantized weights are fastest. With a dense copy each phase
+/// uses the representation that suits it.
 #[derive(Debug)]
 pub struct Linear {
     weight: QMatMul,
+    dense: Option<Tensor>,
     bias: Option<Tensor>,
 }
 
 impl Linear {
     /// A layer from its weight ([out, in]) and bias.
     pub fn new(weight: QMatMul, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self { weight, dense: None, bias }
+    }
+
+    /// Adds a dense copy of a quantized weight for multi-row inputs.
+    pub(crate) fn with_dense(mut self) -> Result<Self> {
+        if let QMatMul::QTensor(q) = &self.weight {
+            self.dense = Some(q.dequantize(&q.device())?);
+        }
+        Ok(self)
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.weight.forward(x)?;
+        let rows = x.elem_count() / x.dim(D::Minus1)?;
+        let y = match &self.dense {
+            Some(w) if rows >= DENSE_MIN_ROWS => x.broadcast_matmul(&w.t()?)?,
+            _ => self.weight.forward(x)?,
+        };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -65,26 +84,32 @@ impl Linear {
     }
 }
 
+/// From this many rows on, a layer with a dense copy uses it.
+const DENSE_MIN_ROWS: usize = 16;
+
 /// One decoder block.
 #[derive(Debug)]
 pub struct Block {
     pub(crate) attn_norm: Tensor,
-    pub(crate) q: Linear,
-    pub(crate) k: Linear,
-    pub(crate) v: Linear,
+    /// q, k and v projections stacked by rows: one product per step instead of three.
+    pub(crate) qkv: Linear,
     pub(crate) o: Linear,
     pub(crate) ffn_norm: Tensor,
-    pub(crate) gate: Linear,
-    pub(crate) up: Linear,
+    /// Gate and up projections stacked by rows.
+    pub(crate) gate_up: Linear,
     pub(crate) down: Linear,
 }
 
-/// The keys and values one sequence has seen, per layer.
-#[derive(Debug, Clone, Default)]
+/// The keys and values one sequence has seen, per layer, in buffers that grow by
+/// doubling so a decode step writes one position instead of copying the whole cache.
+#[derive(Debug, Default)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
     len: usize,
 }
+
+/// Positions a cache buffer starts with.
+const KV_INITIAL_CAPACITY: usize = 256;
 
 impl KvCache {
     /// Tokens cached so far (the position of the next token).
@@ -103,17 +128,32 @@ impl KvCache {
         self.len = 0;
     }
 
-    /// Appends k/v ([1, kv_heads, t, head_dim]) of one layer; returns everything cached.
-    fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+    /// Writes k/v ([1, kv_heads, t, head_dim]) of one layer after the cached positions;
+    /// returns views of everything cached.
+    fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         if self.layers.len() <= layer {
             self.layers.resize(layer + 1, None);
         }
-        let merged = match self.layers[layer].take() {
-            None => (k, v),
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-        };
-        self.layers[layer] = Some(merged.clone());
-        Ok(merged)
+        let (b, heads, t, dim) = k.dims4()?;
+        let total = self.len + t;
+        let slot = &mut self.layers[layer];
+        let capacity = slot.as_ref().map_or(0, |(k, _)| k.dim(2).unwrap_or(0));
+        if total > capacity {
+            let new_capacity = total.max(capacity * 2).max(KV_INITIAL_CAPACITY);
+            let grow = |old: Option<&Tensor>| -> Result<Tensor> {
+                let buffer = Tensor::zeros((b, heads, new_capacity, dim), k.dtype(), k.device())?;
+                if let Some(old) = old.filter(|_| self.len > 0) {
+                    buffer.slice_set(&old.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                }
+                Ok(buffer)
+            };
+            let grown = (grow(slot.as_ref().map(|s| &s.0))?, grow(slot.as_ref().map(|s| &s.1))?);
+            *slot = Some(grown);
+        }
+        let (kb, vb) = slot.as_ref().ok_or_else(|| anyhow::anyhow!("cache slot"))?;
+        kb.slice_set(&k.contiguous()?, 2, self.len)?;
+        vb.slice_set(&v.contiguous()?, 2, self.len)?;
+        Ok((kb.narrow(2, 0, total)?, vb.narrow(2, 0, total)?))
     }
 }
 
@@ -195,7 +235,7 @@ impl LlamaModel {
         let k = self.rope(&k, offset, t)?;
         // Keys, values and the operands of the attention products are rounded to f16,
         // as in llama.cpp's default f16 KV cache, so near-tie tokens resolve alike.
-        let (k, v) = cache.append(layer, round_f16(&k)?, round_f16(&v)?)?;
+        let (k, v) = cache.append(layer, &round_f16(&k)?, &round_f16(&v)?)?;
         let total = offset + t;
         // Grouped-query attention without copying keys: the query heads that share a key
         // head are stacked along the row axis.
@@ -216,9 +256,22 @@ impl LlamaModel {
         Ok(out.reshape((t, c.num_heads * c.head_dim))?)
     }
 
+    fn qkv(&self, block: &Block, h: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let c = &self.config;
+        let (q_width, kv_width) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let qkv = block.qkv.forward(h)?;
+        Ok((
+            qkv.narrow(D::Minus1, 0, q_width)?,
+            qkv.narrow(D::Minus1, q_width, kv_width)?,
+            qkv.narrow(D::Minus1, q_width + kv_width, kv_width)?,
+        ))
+    }
+
     fn mlp(block: &Block, x: &Tensor) -> Result<Tensor> {
-        let gate = candle_nn::ops::silu(&block.gate.forward(x)?)?;
-        let up = block.up.forward(x)?;
+        let gate_up = block.gate_up.forward(x)?;
+        let half = gate_up.dim(D::Minus1)? / 2;
+        let gate = candle_nn::ops::silu(&gate_up.narrow(D::Minus1, 0, half)?)?;
+        let up = gate_up.narrow(D::Minus1, half, half)?;
         block.down.forward(&(gate * up)?)
     }
 
@@ -234,7 +287,7 @@ impl LlamaModel {
         let eps = self.config.rms_norm_eps as f32;
         for (layer, block) in self.blocks.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &block.attn_norm, eps)?;
-            let (q, k, v) = (block.q.forward(&h)?, block.k.forward(&h)?, block.v.forward(&h)?);
+            let (q, k, v) = self.qkv(block, &h)?;
             let attn = self.attend(layer, &q, &k, &v, cache)?;
             x = (x + block.o.forward(&attn)?)?;
             let h = candle_nn::ops::rms_norm(&x, &block.ffn_norm, eps)?;
@@ -260,7 +313,7 @@ impl LlamaModel {
         let eps = self.config.rms_norm_eps as f32;
         for (layer, block) in self.blocks.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &block.attn_norm, eps)?;
-            let (q, k, v) = (block.q.forward(&h)?, block.k.forward(&h)?, block.v.forward(&h)?);
+            let (q, k, v) = self.qkv(block, &h)?;
             let mut outs = Vec::with_capacity(tokens.len());
             for (i, cache) in caches.iter_mut().enumerate() {
                 let (qi, ki, vi) = (q.narrow(0, i, 1)?, k.narrow(0, i, 1)?, v.narrow(0, i, 1)?);

@@ -130,7 +130,7 @@ impl TextTokenizer {
             .filter(|(_, t)| **t == TOKEN_TYPE_CONTROL || **t == TOKEN_TYPE_USER_DEFINED)
             .map(|(token, _)| AddedToken::from(token.clone(), true))
             .collect();
-        tokenizer.add_special_tokens(&specials);
+        tokenizer.add_special_tokens(specials).map_err(|e| anyhow::anyhow!("adding special tokens: {e}"))?;
 
         let bos = metadata_u32(content, "tokenizer.ggml.bos_token_id");
         let mut eos: Vec<u32> = metadata_u32(content, "tokenizer.ggml.eos_token_id").into_iter().collect();
