@@ -117,6 +117,39 @@ fn a_tiny_random_hf_llama_loads_and_generates() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+#[test]
+fn a_tokenizer_that_does_not_fit_the_model_is_refused() {
+    let dir = scratch("mismatch");
+    let dev = Device::Cpu;
+    let (hidden, vocab) = (16usize, 1000usize);
+    let mut t = HashMap::new();
+    let zeros = |shape: (usize, usize)| Tensor::zeros(shape, DType::F32, &dev).expect("zeros");
+    t.insert("model.embed_tokens.weight".to_string(), zeros((vocab, hidden)));
+    t.insert("model.norm.weight".to_string(), Tensor::ones(hidden, DType::F32, &dev).expect("ones"));
+    for (name, shape) in [
+        ("self_attn.q_proj", (hidden, hidden)),
+        ("self_attn.k_proj", (hidden, hidden)),
+        ("self_attn.v_proj", (hidden, hidden)),
+        ("self_attn.o_proj", (hidden, hidden)),
+        ("mlp.gate_proj", (32, hidden)),
+        ("mlp.up_proj", (32, hidden)),
+        ("mlp.down_proj", (hidden, 32)),
+    ] {
+        t.insert(format!("model.layers.0.{name}.weight"), zeros(shape));
+    }
+    for norm in ["input_layernorm", "post_attention_layernorm"] {
+        t.insert(format!("model.layers.0.{norm}.weight"), Tensor::ones(hidden, DType::F32, &dev).expect("ones"));
+    }
+    let config = serde_json::json!({
+        "model_type": "llama", "hidden_size": hidden, "intermediate_size": 32, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "rms_norm_eps": 1e-5, "vocab_size": vocab, "tie_word_embeddings": true
+    });
+    write_hf(&dir, config, &t);
+    let err = load_error(&dir);
+    assert!(err.contains("the tokenizer has 49152 tokens but the model's embedding has only 1000 rows"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// SmolLM2's GGUF weights, dequantized and written as an HF checkpoint (q/k un-permuted
 /// to the HF layout), give the same logits through the HF path (split-half rotary) as
 /// the GGUF file does through the GGUF path (interleaved rotary).
