@@ -64,9 +64,10 @@ fn write_hf(dir: &Path, config: serde_json::Value, tensors: &HashMap<String, Ten
     std::fs::write(dir.join("tokenizer_config.json"), template.to_string()).expect("tokenizer config");
 }
 
-#[test]
-fn a_tiny_random_hf_llama_loads_and_generates() {
-    let dir = scratch("tiny");
+/// A tiny random-initialised HF checkpoint of `model_type` (Qwen2 adds q/k/v biases)
+/// loads, generates, and decodes in batches exactly as alone.
+fn tiny_random_hf_model(model_type: &str) {
+    let dir = scratch(model_type);
     let (hidden, inter, layers, heads, kv, vocab) = (32usize, 64usize, 2usize, 4usize, 2usize, 49152usize);
     let dev = Device::Cpu;
     let randn = |shape: (usize, usize)| Tensor::randn(0f32, 0.2, shape, &dev).expect("randn");
@@ -90,9 +91,15 @@ fn a_tiny_random_hf_llama_loads_and_generates() {
         for norm in ["input_layernorm", "post_attention_layernorm"] {
             t.insert(format!("{p}.{norm}.weight"), Tensor::ones(hidden, DType::F32, &dev).expect("ones"));
         }
+        if model_type == "qwen2" {
+            for (name, width) in [("q_proj", heads * hd), ("k_proj", kv * hd), ("v_proj", kv * hd)] {
+                let bias = Tensor::randn(0f32, 0.2, width, &dev).expect("randn");
+                t.insert(format!("{p}.self_attn.{name}.bias"), bias);
+            }
+        }
     }
     let config = serde_json::json!({
-        "model_type": "llama", "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
+        "model_type": model_type, "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
         "num_attention_heads": heads, "num_key_value_heads": kv, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
         "max_position_embeddings": 256, "vocab_size": vocab, "tie_word_embeddings": true,
         "bos_token_id": 1, "eos_token_id": 2
@@ -115,6 +122,16 @@ fn a_tiny_random_hf_llama_loads_and_generates() {
         assert_eq!(generate(&model, r).expect("alone").tokens, b.tokens);
     }
     std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn a_tiny_random_hf_llama_loads_and_generates() {
+    tiny_random_hf_model("llama");
+}
+
+#[test]
+fn a_tiny_random_hf_qwen2_loads_and_generates() {
+    tiny_random_hf_model("qwen2");
 }
 
 #[test]

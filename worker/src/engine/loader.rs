@@ -207,6 +207,7 @@ fn load_gguf(path: &Path, device: &Device, weights: WeightFormat) -> Result<Load
         // llama.cpp permutes Llama q/k weights for its interleaved rotary layout; Qwen2
         // GGUF files keep the HF layout.
         interleaved_rope: arch == Arch::Llama,
+        f16_kv_rounding: weights != WeightFormat::Hybrid,
     };
     check_tokenizer(&tokenizer, config.vocab_size)?;
     let mut blocks = Vec::with_capacity(config.num_layers);
@@ -350,6 +351,7 @@ fn load_hf(dir: &Path, device: &Device) -> Result<LoadedModel> {
         context_length: hf.max_position_embeddings.unwrap_or(4096),
         vocab_size: hf.vocab_size,
         interleaved_rope: false,
+        f16_kv_rounding: true,
     };
     let embed = take("model.embed_tokens.weight")?;
     let mut blocks = Vec::with_capacity(config.num_layers);

@@ -41,6 +41,9 @@ pub struct ModelConfig {
     pub vocab_size: usize,
     /// Whether q/k are stored for llama.cpp's interleaved rotary layout (GGUF Llama).
     pub interleaved_rope: bool,
+    /// Round cached keys and values to f16 as llama.cpp's default cache does, so that
+    /// outputs match it; the hybrid CPU layout, which rounds differently anyway, skips it.
+    pub f16_kv_rounding: bool,
 }
 
 /// A linear layer: its weight as stored (quantized or dense), optionally a dense copy
@@ -235,7 +238,11 @@ impl LlamaModel {
         let k = self.rope(&k, offset, t)?;
         // Keys, values and the operands of the attention products are rounded to f16,
         // as in llama.cpp's default f16 KV cache, so near-tie tokens resolve alike.
-        let (k, v) = cache.append(layer, &round_f16(&k)?, &round_f16(&v)?)?;
+        let (k, v) = if c.f16_kv_rounding {
+            cache.append(layer, &round_f16(&k)?, &round_f16(&v)?)?
+        } else {
+            cache.append(layer, &k, &v)?
+        };
         let total = offset + t;
         // Grouped-query attention without copying keys: the query heads that share a key
         // head are stacked along the row axis.
