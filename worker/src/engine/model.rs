@@ -282,6 +282,33 @@ impl LlamaModel {
         block.down.forward(&(gate * up)?)
     }
 
+    /// The decoder blocks over the embeddings of `tokens`, with `attention(layer, q, k, v)`
+    /// computing each layer's attention output; returns the final hidden states.
+    fn blocks(
+        &self,
+        tokens: &[u32],
+        mut attention: impl FnMut(usize, &Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let ids = Tensor::new(tokens, &self.device)?;
+        let mut x = self.embed.index_select(&ids, 0)?;
+        let eps = self.config.rms_norm_eps as f32;
+        for (layer, block) in self.blocks.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &block.attn_norm, eps)?;
+            let (q, k, v) = self.qkv(block, &h)?;
+            let attn = attention(layer, &q, &k, &v)?;
+            x = (x + block.o.forward(&attn)?)?;
+            let h = candle_nn::ops::rms_norm(&x, &block.ffn_norm, eps)?;
+            x = (&x + Self::mlp(block, &h)?)?;
+        }
+        Ok(x)
+    }
+
+    /// Logits of hidden states.
+    fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        let x = candle_nn::ops::rms_norm(x, &self.norm, self.config.rms_norm_eps as f32)?;
+        self.lm_head.forward(&x)
+    }
+
     /// Runs `tokens` of one sequence through the model, appending them to its cache.
     /// Returns logits [n, vocab] of the last position, or of every position when
     /// `all_positions` (for perplexity).
@@ -289,23 +316,12 @@ impl LlamaModel {
         if tokens.is_empty() {
             bail!("no tokens to run");
         }
-        let ids = Tensor::new(tokens, &self.device)?;
-        let mut x = self.embed.index_select(&ids, 0)?;
-        let eps = self.config.rms_norm_eps as f32;
-        for (layer, block) in self.blocks.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &block.attn_norm, eps)?;
-            let (q, k, v) = self.qkv(block, &h)?;
-            let attn = self.attend(layer, &q, &k, &v, cache)?;
-            x = (x + block.o.forward(&attn)?)?;
-            let h = candle_nn::ops::rms_norm(&x, &block.ffn_norm, eps)?;
-            x = (&x + Self::mlp(block, &h)?)?;
-        }
+        let mut x = self.blocks(tokens, |layer, q, k, v| self.attend(layer, q, k, v, cache))?;
         cache.len += tokens.len();
         if !all_positions {
             x = x.narrow(0, tokens.len() - 1, 1)?;
         }
-        let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
-        self.lm_head.forward(&x)
+        self.logits(&x)
     }
 
     /// One decode step of several sequences at once: `tokens[i]` is the next token of
@@ -315,27 +331,18 @@ impl LlamaModel {
         if tokens.len() != caches.len() || tokens.is_empty() {
             bail!("decode_batch needs one token per cache, got {} and {}", tokens.len(), caches.len());
         }
-        let ids = Tensor::new(tokens, &self.device)?;
-        let mut x = self.embed.index_select(&ids, 0)?;
-        let eps = self.config.rms_norm_eps as f32;
-        for (layer, block) in self.blocks.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &block.attn_norm, eps)?;
-            let (q, k, v) = self.qkv(block, &h)?;
-            let mut outs = Vec::with_capacity(tokens.len());
+        let x = self.blocks(tokens, |layer, q, k, v| {
+            let mut outs = Vec::with_capacity(caches.len());
             for (i, cache) in caches.iter_mut().enumerate() {
                 let (qi, ki, vi) = (q.narrow(0, i, 1)?, k.narrow(0, i, 1)?, v.narrow(0, i, 1)?);
                 outs.push(self.attend(layer, &qi, &ki, &vi, cache)?);
             }
-            let attn = Tensor::cat(&outs, 0)?;
-            x = (x + block.o.forward(&attn)?)?;
-            let h = candle_nn::ops::rms_norm(&x, &block.ffn_norm, eps)?;
-            x = (&x + Self::mlp(block, &h)?)?;
-        }
+            Ok(Tensor::cat(&outs, 0)?)
+        })?;
         for cache in caches.iter_mut() {
             cache.len += 1;
         }
-        let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
-        self.lm_head.forward(&x)
+        self.logits(&x)
     }
 
     /// Log-probabilities of each next token given the previous ones, for `tokens` in a
