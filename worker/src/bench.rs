@@ -42,6 +42,13 @@ pub struct BenchArgs {
     llamacpp_python: Option<PathBuf>,
 }
 
+impl BenchArgs {
+    /// Threads both engines use.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+}
+
 /// Speeds of one engine.
 #[derive(Debug, Clone, Copy, Deserialize)]
 struct Speed {

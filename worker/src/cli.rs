@@ -411,6 +411,16 @@ fn build_serve(args: &ServeArgs) -> Result<Assignment> {
     Ok(a)
 }
 
+impl Cli {
+    /// Compute threads the command asks for, if it names a number.
+    pub fn threads(&self) -> Option<usize> {
+        match &self.mode {
+            ModeCommand::Bench(b) => Some(b.threads()),
+            _ => None,
+        }
+    }
+}
+
 /// Builds, validates and (for now) reports the Assignment of the chosen mode.
 pub fn run(cli: Cli) -> Result<ExitCode> {
     let (assignment, check) = match &cli.mode {

@@ -108,6 +108,9 @@ pub struct Block {
 #[derive(Debug, Default)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
+    /// For the CPU attention: keys and values per layer as plain rows
+    /// [position][kv_heads * head_dim].
+    host: Vec<(Vec<f32>, Vec<f32>)>,
     len: usize,
 }
 
@@ -128,7 +131,15 @@ impl KvCache {
     /// Forgets everything.
     pub fn clear(&mut self) {
         self.layers.clear();
+        self.host.clear();
         self.len = 0;
+    }
+
+    fn host_layer(&mut self, layer: usize) -> &mut (Vec<f32>, Vec<f32>) {
+        if self.host.len() <= layer {
+            self.host.resize_with(layer + 1, Default::default);
+        }
+        &mut self.host[layer]
     }
 
     /// Writes k/v ([1, kv_heads, t, head_dim]) of one layer after the cached positions;
@@ -160,6 +171,20 @@ impl KvCache {
     }
 }
 
+/// Rotates consecutive heads of `row` in place by the angles of one position: pairs
+/// (2i, 2i+1) in llama.cpp's interleaved layout, (i, i + head_dim/2) in the HF layout.
+fn rope_rows(row: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32], interleaved: bool) {
+    let half = head_dim / 2;
+    for head in row.chunks_exact_mut(head_dim) {
+        for i in 0..half {
+            let (a, b) = if interleaved { (2 * i, 2 * i + 1) } else { (i, i + half) };
+            let (x0, x1) = (head[a], head[b]);
+            head[a] = x0 * cos[i] - x1 * sin[i];
+            head[b] = x0 * sin[i] + x1 * cos[i];
+        }
+    }
+}
+
 /// Rounds f32 values to the nearest f16 (no-op for other dtypes).
 fn round_f16(x: &Tensor) -> Result<Tensor> {
     Ok(if x.dtype() == DType::F32 { x.to_dtype(DType::F16)?.to_dtype(DType::F32)? } else { x.clone() })
@@ -175,6 +200,9 @@ pub struct LlamaModel {
     pub(crate) lm_head: Linear,
     cos: Tensor,
     sin: Tensor,
+    /// cos/sin as plain rows [position][head_dim / 2] when the CPU attention is used.
+    cos_host: Vec<f32>,
+    sin_host: Vec<f32>,
     device: Device,
 }
 
@@ -199,7 +227,13 @@ impl LlamaModel {
             .to_dtype(DType::F32)?
             .reshape((config.context_length, 1))?;
         let freqs = positions.matmul(&inv_freq)?;
-        Ok(Self { cos: freqs.cos()?, sin: freqs.sin()?, config, embed, blocks, norm, lm_head, device: device.clone() })
+        let (cos, sin) = (freqs.cos()?, freqs.sin()?);
+        let (cos_host, sin_host) = if device.is_cpu() && !config.f16_kv_rounding {
+            (cos.flatten_all()?.to_vec1()?, sin.flatten_all()?.to_vec1()?)
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        Ok(Self { cos, sin, cos_host, sin_host, config, embed, blocks, norm, lm_head, device: device.clone() })
     }
 
     /// Shapes and constants.
@@ -223,8 +257,13 @@ impl LlamaModel {
         })
     }
 
-    /// Attention of `t` new positions of one sequence; q/k/v are [t, heads * head_dim].
-    fn attend(&self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+    /// Attention of `t` new positions of one sequence; `qkv` is [t, (heads + 2 * kv_heads)
+    /// * head_dim] as the stacked projection gives it.
+    fn attend(&self, layer: usize, qkv: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        if !self.cos_host.is_empty() {
+            return self.attend_host(layer, qkv, cache);
+        }
+        let (q, k, v) = self.split_qkv(qkv)?;
         let c = &self.config;
         let (t, _) = q.dims2()?;
         let offset = cache.len;
@@ -263,10 +302,80 @@ impl LlamaModel {
         Ok(out.reshape((t, c.num_heads * c.head_dim))?)
     }
 
-    fn qkv(&self, block: &Block, h: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    /// Attention on a CPU over a plain-row cache, for the hybrid layout. One new position
+    /// (a decode step) is computed with loops over the cached rows, which replaces about
+    /// a dozen small tensor operations per layer; a prompt uses matrix products.
+    fn attend_host(&self, layer: usize, qkv: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let c = &self.config;
+        let (hd, half) = (c.head_dim, c.head_dim / 2);
+        let (qw, kvw) = (c.num_heads * hd, c.num_kv_heads * hd);
+        let rows: Vec<f32> = qkv.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let width = qw + 2 * kvw;
+        let t = rows.len() / width;
+        let offset = cache.len;
+        if offset + t > c.context_length {
+            bail!("sequence of {} tokens exceeds the context length {}", offset + t, c.context_length);
+        }
+        let mut queries = Vec::with_capacity(t * qw);
+        let (keys, values) = cache.host_layer(layer);
+        for (i, row) in rows.chunks_exact(width).enumerate() {
+            let pos = offset + i;
+            let cos = &self.cos_host[pos * half..(pos + 1) * half];
+            let sin = &self.sin_host[pos * half..(pos + 1) * half];
+            let start = queries.len();
+            queries.extend_from_slice(&row[..qw]);
+            rope_rows(&mut queries[start..], hd, cos, sin, c.interleaved_rope);
+            let start = keys.len();
+            keys.extend_from_slice(&row[qw..qw + kvw]);
+            rope_rows(&mut keys[start..], hd, cos, sin, c.interleaved_rope);
+            values.extend_from_slice(&row[qw + kvw..]);
+        }
+        let total = offset + t;
+        let group = c.num_heads / c.num_kv_heads;
+        let scale = 1.0 / (hd as f32).sqrt();
+        if t > 1 {
+            let q = Tensor::from_vec(queries, (t, c.num_heads, hd), &self.device)?.transpose(0, 1)?;
+            let q = q.contiguous()?.reshape((c.num_kv_heads, group * t, hd))?;
+            let k = Tensor::from_slice(&keys[..total * kvw], (total, c.num_kv_heads, hd), &self.device)?;
+            let v = Tensor::from_slice(&values[..total * kvw], (total, c.num_kv_heads, hd), &self.device)?;
+            let (k, v) = (k.transpose(0, 1)?.contiguous()?, v.transpose(0, 1)?.contiguous()?);
+            let mask: Vec<f32> = (0..t)
+                .flat_map(|i| (0..total).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 }))
+                .collect();
+            let mask = Tensor::from_vec(mask, (t, total), &self.device)?.repeat((group, 1))?;
+            let scores = (q.matmul(&k.t()?)? * f64::from(scale))?.broadcast_add(&mask)?;
+            let out = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?; // [kv, group * t, hd]
+            let out = out.reshape((c.num_heads, t, hd))?.transpose(0, 1)?;
+            return Ok(out.contiguous()?.reshape((t, qw))?);
+        }
+        let mut out = vec![0f32; qw];
+        let mut scores = vec![0f32; total];
+        for h in 0..c.num_heads {
+            let kv_offset = (h / group) * hd;
+            let q = &queries[h * hd..(h + 1) * hd];
+            for (p, score) in scores.iter_mut().enumerate() {
+                let k = &keys[p * kvw + kv_offset..p * kvw + kv_offset + hd];
+                *score = q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
+            }
+            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0;
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            let o = &mut out[h * hd..(h + 1) * hd];
+            for (p, s) in scores.iter().enumerate() {
+                let w = s / sum;
+                let v = &values[p * kvw + kv_offset..p * kvw + kv_offset + hd];
+                o.iter_mut().zip(v).for_each(|(o, v)| *o += w * v);
+            }
+        }
+        Ok(Tensor::from_vec(out, (1, qw), &self.device)?)
+    }
+
+    fn split_qkv(&self, qkv: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let c = &self.config;
         let (q_width, kv_width) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
-        let qkv = block.qkv.forward(h)?;
         Ok((
             qkv.narrow(D::Minus1, 0, q_width)?,
             qkv.narrow(D::Minus1, q_width, kv_width)?,
@@ -284,18 +393,13 @@ impl LlamaModel {
 
     /// The decoder blocks over the embeddings of `tokens`, with `attention(layer, q, k, v)`
     /// computing each layer's attention output; returns the final hidden states.
-    fn blocks(
-        &self,
-        tokens: &[u32],
-        mut attention: impl FnMut(usize, &Tensor, &Tensor, &Tensor) -> Result<Tensor>,
-    ) -> Result<Tensor> {
+    fn blocks(&self, tokens: &[u32], mut attention: impl FnMut(usize, &Tensor) -> Result<Tensor>) -> Result<Tensor> {
         let ids = Tensor::new(tokens, &self.device)?;
         let mut x = self.embed.index_select(&ids, 0)?;
         let eps = self.config.rms_norm_eps as f32;
         for (layer, block) in self.blocks.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &block.attn_norm, eps)?;
-            let (q, k, v) = self.qkv(block, &h)?;
-            let attn = attention(layer, &q, &k, &v)?;
+            let attn = attention(layer, &block.qkv.forward(&h)?)?;
             x = (x + block.o.forward(&attn)?)?;
             let h = candle_nn::ops::rms_norm(&x, &block.ffn_norm, eps)?;
             x = (&x + Self::mlp(block, &h)?)?;
@@ -316,7 +420,7 @@ impl LlamaModel {
         if tokens.is_empty() {
             bail!("no tokens to run");
         }
-        let mut x = self.blocks(tokens, |layer, q, k, v| self.attend(layer, q, k, v, cache))?;
+        let mut x = self.blocks(tokens, |layer, qkv| self.attend(layer, qkv, cache))?;
         cache.len += tokens.len();
         if !all_positions {
             x = x.narrow(0, tokens.len() - 1, 1)?;
@@ -331,11 +435,10 @@ impl LlamaModel {
         if tokens.len() != caches.len() || tokens.is_empty() {
             bail!("decode_batch needs one token per cache, got {} and {}", tokens.len(), caches.len());
         }
-        let x = self.blocks(tokens, |layer, q, k, v| {
+        let x = self.blocks(tokens, |layer, qkv| {
             let mut outs = Vec::with_capacity(caches.len());
             for (i, cache) in caches.iter_mut().enumerate() {
-                let (qi, ki, vi) = (q.narrow(0, i, 1)?, k.narrow(0, i, 1)?, v.narrow(0, i, 1)?);
-                outs.push(self.attend(layer, &qi, &ki, &vi, cache)?);
+                outs.push(self.attend(layer, &qkv.narrow(0, i, 1)?, cache)?);
             }
             Ok(Tensor::cat(&outs, 0)?)
         })?;
