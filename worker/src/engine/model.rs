@@ -171,6 +171,20 @@ impl KvCache {
     }
 }
 
+/// Dot product with eight independent partial sums: a plain running sum must be added in
+/// order, which keeps the compiler from using vector instructions.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (chunks_a, chunks_b) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = chunks_a.remainder().iter().zip(chunks_b.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in chunks_a.zip(chunks_b) {
+        for i in 0..8 {
+            lanes[i] += x[i] * y[i];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
 /// Rotates consecutive heads of `row` in place by the angles of one position: pairs
 /// (2i, 2i+1) in llama.cpp's interleaved layout, (i, i + head_dim/2) in the HF layout.
 fn rope_rows(row: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32], interleaved: bool) {
@@ -355,7 +369,7 @@ impl LlamaModel {
             let q = &queries[h * hd..(h + 1) * hd];
             for (p, score) in scores.iter_mut().enumerate() {
                 let k = &keys[p * kvw + kv_offset..p * kvw + kv_offset + hd];
-                *score = q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
+                *score = dot(q, k) * scale;
             }
             let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0.0;
