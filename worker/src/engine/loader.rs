@@ -25,21 +25,6 @@ pub enum WeightFormat {
     Hybrid,
 }
 
-impl WeightFormat {
-    /// The format for a model on `device`: hybrid for GGUF models whose dense copy fits
-    /// in `max_dense_bytes`, as stored otherwise.
-    pub fn auto(path: &Path, device: &Device, max_dense_bytes: u64) -> Self {
-        let is_file = path.is_file();
-        let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(u64::MAX);
-        // A 4-bit file grows about eightfold when dequantized to f32.
-        if device.is_cpu() && is_file && size.saturating_mul(8) <= max_dense_bytes {
-            WeightFormat::Hybrid
-        } else {
-            WeightFormat::AsStored
-        }
-    }
-}
-
 /// A loaded model with everything needed to talk to it.
 #[derive(Debug)]
 pub struct LoadedModel {
