@@ -174,6 +174,14 @@ impl Drop for TestNamespace {
     }
 }
 
+/// A client, the CRDs installed, and a fresh namespace for the test `test`.
+pub async fn namespace_with_crds(test: &str) -> Result<(Client, TestNamespace)> {
+    let client = client().await?;
+    install_crds(&client).await?;
+    let ns = TestNamespace::create(&client, test).await?;
+    Ok((client, ns))
+}
+
 /// Every non-empty document of a YAML file.
 pub fn yaml_documents(path: &Path) -> Result<Vec<Value>> {
     use serde::Deserialize;

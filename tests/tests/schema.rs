@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use llmops_tests::{TestNamespace, apply_manifest, client, install_crds, repo_root, yaml_documents};
+use llmops_tests::{apply_manifest, client, install_crds, namespace_with_crds, repo_root, yaml_documents};
 
 fn yaml_files(dir: &str) -> Vec<PathBuf> {
     let mut files = Vec::new();
@@ -41,9 +41,7 @@ async fn every_crd_installs_and_becomes_established() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn every_example_manifest_is_accepted() -> anyhow::Result<()> {
-    let client = client().await?;
-    install_crds(&client).await?;
-    let ns = TestNamespace::create(&client, "examples").await?;
+    let (client, ns) = namespace_with_crds("examples").await?;
     let mut applied = 0;
     for file in yaml_files("examples") {
         for doc in yaml_documents(&file)? {
@@ -62,9 +60,7 @@ async fn every_example_manifest_is_accepted() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn unknown_fields_are_refused_under_strict_validation() -> anyhow::Result<()> {
-    let client = client().await?;
-    install_crds(&client).await?;
-    let ns = TestNamespace::create(&client, "unknown-fields").await?;
+    let (client, ns) = namespace_with_crds("unknown-fields").await?;
     let mut doc = yaml_documents(&repo_root().join("examples/finetunejob.yaml"))?.remove(0);
     doc["spec"]["hyperparameters"]["learningRat"] = serde_json::json!(0.1);
     let refused = apply_manifest(&client, &ns.name, &doc).await?.expect_err("an unknown field is refused");
@@ -84,9 +80,7 @@ async fn unknown_fields_are_refused_under_strict_validation() -> anyhow::Result<
 /// second, an update of it, must be refused.
 #[tokio::test]
 async fn invalid_manifests_are_refused_naming_the_field() -> anyhow::Result<()> {
-    let client = client().await?;
-    install_crds(&client).await?;
-    let ns = TestNamespace::create(&client, "invalid").await?;
+    let (client, ns) = namespace_with_crds("invalid").await?;
     let files = yaml_files("tests/invalid");
     assert!(files.len() >= 15, "the corpus has {} cases", files.len());
     let mut failures = Vec::new();

@@ -41,14 +41,16 @@ fn flags_build_a_finetune_assignment_with_the_crd_defaults() {
     ]);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
-    assert!(stdout.contains("uri: file:///m/smol.gguf"), "{stdout}");
-    assert!(stdout.contains("format: gguf"), "{stdout}");
-    assert!(
-        stdout.contains("maxSteps: '30'") || stdout.contains("maxSteps: \"30\"") || stdout.contains("maxSteps: 30"),
-        "{stdout}"
-    );
-    assert!(stdout.contains("learningRate: 0.0002"), "the FineTuneJob default: {stdout}");
-    assert!(stdout.contains("file:///tmp/out/checkpoints"), "{stdout}");
+    let printed = llmops_proto::parse_assignment(&stdout).expect("--check prints an Assignment");
+    let Some(llmops_proto::Mode::Finetune(f)) = printed.mode else { panic!("finetune mode: {stdout}") };
+    let model = f.base_model.expect("model");
+    assert_eq!(model.weights.expect("weights").uri, "file:///m/smol.gguf");
+    assert_eq!(model.format, "gguf");
+    let h = f.hyperparameters.expect("hyperparameters");
+    assert_eq!(h.max_steps, 30);
+    assert_eq!(h.learning_rate, 2e-4, "the FineTuneJob default");
+    assert_eq!(f.lora.expect("lora").rank, 8, "the FineTuneJob default");
+    assert_eq!(f.checkpoints.expect("checkpoints").uri, "file:///tmp/out/checkpoints");
 }
 
 #[test]

@@ -61,7 +61,9 @@ struct Active<'a> {
     context: Vec<u32>,
     generated: Vec<u32>,
     next: u32,
-    done: Option<(FinishReason, String)>,
+    done: Option<FinishReason>,
+    /// Byte offset of the earliest stop sequence in the text, once one appeared.
+    stop_at: Option<usize>,
 }
 
 fn last_row(logits: &Tensor, row: usize) -> Result<Vec<f32>> {
@@ -74,35 +76,54 @@ impl<'a> Active<'a> {
         let logits = model.model.forward(&request.prompt, &mut cache, false)?;
         let mut sampler = Sampler::new(request.sampling.clone());
         let next = sampler.sample(&last_row(&logits, 0)?, &request.prompt);
-        let mut active =
-            Self { request, cache, sampler, context: request.prompt.clone(), generated: Vec::new(), next, done: None };
+        let mut active = Self {
+            request,
+            cache,
+            sampler,
+            context: request.prompt.clone(),
+            generated: Vec::new(),
+            next,
+            done: None,
+            stop_at: None,
+        };
         active.accept(model)?;
         Ok(active)
     }
 
-    /// Takes `self.next` into the output, or finishes.
+    /// Takes `self.next` into the output, or finishes. The text is only decoded on the
+    /// way when there are stop sequences to look for.
     fn accept(&mut self, model: &LoadedModel) -> Result<()> {
         if model.tokenizer.is_eos(self.next) {
-            let text = model.tokenizer.decode(&self.generated, true)?;
-            self.done = Some((FinishReason::Stop, text));
+            self.done = Some(FinishReason::Stop);
             return Ok(());
         }
         self.generated.push(self.next);
         self.context.push(self.next);
-        let text = model.tokenizer.decode(&self.generated, true)?;
-        if let Some(cut) = self.request.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
-            self.done = Some((FinishReason::Stop, text[..cut].to_string()));
+        if !self.request.stop.is_empty() {
+            let text = model.tokenizer.decode(&self.generated, true)?;
+            self.stop_at = self.request.stop.iter().filter_map(|s| text.find(s.as_str())).min();
+        }
+        if self.stop_at.is_some() {
+            self.done = Some(FinishReason::Stop);
         } else if self.generated.len() >= self.request.max_tokens
             || self.cache.len() + 1 >= model.model.config().context_length
         {
-            self.done = Some((FinishReason::Length, text));
+            self.done = Some(FinishReason::Length);
         }
         Ok(())
     }
 
-    fn finish(self) -> Generation {
-        let (finish_reason, text) = self.done.unwrap_or((FinishReason::Length, String::new()));
-        Generation { tokens: self.generated, text, finish_reason, prompt_tokens: self.request.prompt.len() }
+    fn finish(self, model: &LoadedModel) -> Result<Generation> {
+        let mut text = model.tokenizer.decode(&self.generated, true)?;
+        if let Some(cut) = self.stop_at {
+            text.truncate(cut);
+        }
+        Ok(Generation {
+            tokens: self.generated,
+            text,
+            finish_reason: self.done.unwrap_or(FinishReason::Length),
+            prompt_tokens: self.request.prompt.len(),
+        })
     }
 }
 
@@ -114,7 +135,7 @@ pub fn generate(model: &LoadedModel, request: &GenerateRequest) -> Result<Genera
         active.next = active.sampler.sample(&last_row(&logits, 0)?, &active.context);
         active.accept(model)?;
     }
-    Ok(active.finish())
+    active.finish(model)
 }
 
 /// Generates for several requests together: each is prefilled on its own, then all
@@ -142,5 +163,5 @@ pub fn generate_batch(model: &LoadedModel, requests: &[GenerateRequest]) -> Resu
             a.accept(model)?;
         }
     }
-    Ok(actives.into_iter().map(Active::finish).collect())
+    actives.into_iter().map(|a| a.finish(model)).collect()
 }

@@ -81,18 +81,7 @@ impl Gguf<'_> {
     }
 
     fn linear(&mut self, name: &str, weights: WeightFormat) -> Result<Linear> {
-        let mut q = self.qtensor(&format!("{name}.weight"))?;
-        if weights == WeightFormat::Hybrid {
-            q = for_cpu_decoding(q, self.device)?;
-        }
-        let weight = match weights {
-            WeightFormat::AsStored | WeightFormat::Hybrid => QMatMul::from_qtensor(q)?,
-            WeightFormat::Dense => QMatMul::Tensor(q.dequantize(self.device)?),
-        };
-        let bias_name = format!("{name}.bias");
-        let bias = if self.has(&bias_name) { Some(self.dense(&bias_name)?) } else { None };
-        let linear = Linear::new(weight, bias);
-        if weights == WeightFormat::Hybrid { linear.with_dense() } else { Ok(linear) }
+        self.stacked(&[name.to_string()], weights)
     }
 
     /// Several projections of the same input stacked by rows into one layer. GGUF stores
@@ -118,11 +107,21 @@ impl Gguf<'_> {
             n if n == names.len() => Some(Tensor::cat(&biases, 0)?),
             _ => bail!("{}: only some of {names:?} have a bias", self.path.display()),
         };
+        let stacked = if parts.len() == 1 { parts.remove(0) } else { self.stack_rows(names, &parts)? };
+        let weight = match weights {
+            WeightFormat::AsStored | WeightFormat::Hybrid => QMatMul::from_qtensor(stacked)?,
+            WeightFormat::Dense => QMatMul::Tensor(stacked.dequantize(self.device)?),
+        };
+        let linear = Linear::new(weight, bias);
+        if weights == WeightFormat::Hybrid { linear.with_dense() } else { Ok(linear) }
+    }
+
+    fn stack_rows(&self, names: &[String], parts: &[QTensor]) -> Result<QTensor> {
         let dtype = parts[0].dtype();
         let (_, inner) = parts[0].shape().dims2()?;
         let mut rows = 0;
         let mut bytes = Vec::new();
-        for (name, part) in names.iter().zip(&parts) {
+        for (name, part) in names.iter().zip(parts) {
             let (r, k) = part.shape().dims2()?;
             if part.dtype() != dtype || k != inner {
                 bail!("{}: {name} cannot be stacked with {}: different type or width", self.path.display(), names[0]);
@@ -131,13 +130,7 @@ impl Gguf<'_> {
             bytes.extend_from_slice(&part.data()?);
         }
         let storage = candle_core::quantized::QStorage::from_data(std::borrow::Cow::Owned(bytes), self.device, dtype)?;
-        let stacked = QTensor::new(storage, (rows, inner))?;
-        let weight = match weights {
-            WeightFormat::AsStored | WeightFormat::Hybrid => QMatMul::from_qtensor(stacked)?,
-            WeightFormat::Dense => QMatMul::Tensor(stacked.dequantize(self.device)?),
-        };
-        let linear = Linear::new(weight, bias);
-        if weights == WeightFormat::Hybrid { linear.with_dense() } else { Ok(linear) }
+        Ok(QTensor::new(storage, (rows, inner))?)
     }
 
     fn u32(&self, key: &str) -> Result<usize> {
