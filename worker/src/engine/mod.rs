@@ -1,6 +1,7 @@
 //! The candle engine shared by every mode: model loading, tokenization, chat templates
 //! and generation.
 
+pub mod adapter;
 pub mod chat;
 pub mod generate;
 pub mod loader;
@@ -10,7 +11,8 @@ pub mod tokenizer;
 
 use candle_core::Device;
 
-pub use generate::{FinishReason, GenerateRequest, Generation, generate, generate_batch};
+pub use adapter::Adapter;
+pub use generate::{FinishReason, GenerateRequest, Generation, Sequence, decode_step, generate, generate_batch};
 pub use loader::{LoadedModel, WeightFormat, load};
 pub use sampling::SamplingParams;
 

@@ -3,6 +3,8 @@
 
 use anyhow::{Result, bail};
 use candle_core::quantized::QMatMul;
+
+use super::adapter::{Adapter, AdapterLayer, LoraPair};
 use candle_core::{D, DType, Device, Module, Tensor};
 
 /// Architecture of the decoder.
@@ -204,6 +206,9 @@ fn round_f16(x: &Tensor) -> Result<Tensor> {
     Ok(if x.dtype() == DType::F32 { x.to_dtype(DType::F16)?.to_dtype(DType::F32)? } else { x.clone() })
 }
 
+/// An adapter and the rows of a step it applies to (None: all).
+type RowAdapter<'a> = (&'a Adapter, Option<Tensor>);
+
 /// The decoder.
 #[derive(Debug)]
 pub struct LlamaModel {
@@ -258,6 +263,11 @@ impl LlamaModel {
     /// The device the weights live on.
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// The dtype activations are computed in.
+    pub fn dtype(&self) -> DType {
+        self.embed.dtype()
     }
 
     fn rope(&self, x: &Tensor, offset: usize, len: usize) -> Result<Tensor> {
@@ -397,26 +407,50 @@ impl LlamaModel {
         ))
     }
 
-    fn mlp(block: &Block, x: &Tensor) -> Result<Tensor> {
-        let gate_up = block.gate_up.forward(x)?;
-        let half = gate_up.dim(D::Minus1)? / 2;
-        let gate = candle_nn::ops::silu(&gate_up.narrow(D::Minus1, 0, half)?)?;
-        let up = gate_up.narrow(D::Minus1, half, half)?;
-        block.down.forward(&(gate * up)?)
+    /// Adds the LoRA updates of `adapters` to `y = layer(x)`: each adapter's update
+    /// goes to its rows (all rows when it names none).
+    fn with_lora(
+        y: Tensor,
+        x: &Tensor,
+        adapters: &[RowAdapter<'_>],
+        layer: usize,
+        pick: fn(&AdapterLayer) -> Option<&LoraPair>,
+    ) -> Result<Tensor> {
+        let mut y = y;
+        for (adapter, rows) in adapters {
+            let Some(pair) = pick(adapter.layer(layer)) else { continue };
+            y = match rows {
+                None => (y + pair.delta(x)?)?,
+                Some(rows) => y.index_add(rows, &pair.delta(&x.index_select(rows, 0)?)?, 0)?,
+            };
+        }
+        Ok(y)
     }
 
-    /// The decoder blocks over the embeddings of `tokens`, with `attention(layer, q, k, v)`
+    /// The decoder blocks over the embeddings of `tokens`, with `attention(layer, qkv)`
     /// computing each layer's attention output; returns the final hidden states.
-    fn blocks(&self, tokens: &[u32], mut attention: impl FnMut(usize, &Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    fn blocks(
+        &self,
+        tokens: &[u32],
+        adapters: &[RowAdapter<'_>],
+        mut attention: impl FnMut(usize, &Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
         let ids = Tensor::new(tokens, &self.device)?;
         let mut x = self.embed.index_select(&ids, 0)?;
         let eps = self.config.rms_norm_eps as f32;
         for (layer, block) in self.blocks.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &block.attn_norm, eps)?;
-            let attn = attention(layer, &block.qkv.forward(&h)?)?;
-            x = (x + block.o.forward(&attn)?)?;
+            let qkv = Self::with_lora(block.qkv.forward(&h)?, &h, adapters, layer, |l| l.qkv.as_ref())?;
+            let attn = attention(layer, &qkv)?;
+            let o = Self::with_lora(block.o.forward(&attn)?, &attn, adapters, layer, |l| l.o.as_ref())?;
+            x = (x + o)?;
             let h = candle_nn::ops::rms_norm(&x, &block.ffn_norm, eps)?;
-            x = (&x + Self::mlp(block, &h)?)?;
+            let gate_up = Self::with_lora(block.gate_up.forward(&h)?, &h, adapters, layer, |l| l.gate_up.as_ref())?;
+            let half = gate_up.dim(D::Minus1)? / 2;
+            let gate = candle_nn::ops::silu(&gate_up.narrow(D::Minus1, 0, half)?)?;
+            let act = (gate * gate_up.narrow(D::Minus1, half, half)?)?;
+            let down = Self::with_lora(block.down.forward(&act)?, &act, adapters, layer, |l| l.down.as_ref())?;
+            x = (&x + down)?;
         }
         Ok(x)
     }
@@ -431,10 +465,22 @@ impl LlamaModel {
     /// Returns logits [n, vocab] of the last position, or of every position when
     /// `all_positions` (for perplexity).
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, all_positions: bool) -> Result<Tensor> {
+        self.forward_with(tokens, cache, all_positions, None)
+    }
+
+    /// [`Self::forward`] with a LoRA adapter applied.
+    pub fn forward_with(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        all_positions: bool,
+        adapter: Option<&Adapter>,
+    ) -> Result<Tensor> {
         if tokens.is_empty() {
             bail!("no tokens to run");
         }
-        let mut x = self.blocks(tokens, |layer, qkv| self.attend(layer, qkv, cache))?;
+        let adapters: Vec<RowAdapter<'_>> = adapter.map(|a| (a, None)).into_iter().collect();
+        let mut x = self.blocks(tokens, &adapters, |layer, qkv| self.attend(layer, qkv, cache))?;
         cache.len += tokens.len();
         if !all_positions {
             x = x.narrow(0, tokens.len() - 1, 1)?;
@@ -446,10 +492,41 @@ impl LlamaModel {
     /// the sequence cached in `caches[i]`. The projections and the MLP run as one batch;
     /// attention runs per sequence over its own cache. Returns logits [batch, vocab].
     pub fn decode_batch(&self, tokens: &[u32], caches: &mut [&mut KvCache]) -> Result<Tensor> {
-        if tokens.len() != caches.len() || tokens.is_empty() {
-            bail!("decode_batch needs one token per cache, got {} and {}", tokens.len(), caches.len());
+        self.decode_batch_with(tokens, caches, &vec![None; tokens.len()])
+    }
+
+    /// [`Self::decode_batch`] where sequence i uses `adapters[i]`.
+    pub fn decode_batch_with(
+        &self,
+        tokens: &[u32],
+        caches: &mut [&mut KvCache],
+        adapters: &[Option<&Adapter>],
+    ) -> Result<Tensor> {
+        if tokens.len() != caches.len() || tokens.len() != adapters.len() || tokens.is_empty() {
+            bail!(
+                "decode_batch needs one token and adapter per cache, got {}, {} and {}",
+                tokens.len(),
+                adapters.len(),
+                caches.len()
+            );
         }
-        let x = self.blocks(tokens, |layer, qkv| {
+        // Rows grouped by adapter (by identity), so each adapter runs once per projection.
+        let mut groups: Vec<(&Adapter, Vec<u32>)> = Vec::new();
+        for (row, adapter) in adapters.iter().enumerate() {
+            let Some(adapter) = adapter else { continue };
+            match groups.iter_mut().find(|(a, _)| std::ptr::eq(*a, *adapter)) {
+                Some((_, rows)) => rows.push(row as u32),
+                None => groups.push((adapter, vec![row as u32])),
+            }
+        }
+        let row_adapters = groups
+            .into_iter()
+            .map(|(a, rows)| -> Result<RowAdapter<'_>> {
+                let all = rows.len() == tokens.len();
+                Ok((a, if all { None } else { Some(Tensor::new(rows.as_slice(), &self.device)?) }))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let x = self.blocks(tokens, &row_adapters, |layer, qkv| {
             let mut outs = Vec::with_capacity(caches.len());
             for (i, cache) in caches.iter_mut().enumerate() {
                 outs.push(self.attend(layer, &qkv.narrow(0, i, 1)?, cache)?);
