@@ -162,6 +162,18 @@ struct ServeArgs {
     /// Sequences decoded together.
     #[arg(long)]
     max_batch_size: Option<u32>,
+    /// Requests that may wait for a batch slot; more are answered 429.
+    #[arg(long)]
+    max_queue: Option<u32>,
+    /// Directory of the traffic log (completions and feedback).
+    #[arg(long, value_name = "DIR")]
+    traffic: Option<String>,
+    /// Record only feedback, not completions, in the traffic log.
+    #[arg(long)]
+    no_record: bool,
+    /// File of accepted API keys, one per line; without it the API is open.
+    #[arg(long, value_name = "FILE")]
+    api_keys: Option<String>,
 }
 
 /// Turns a path given on the command line into a URI; URIs pass through.
@@ -408,6 +420,19 @@ fn build_serve(args: &ServeArgs) -> Result<Assignment> {
     if let Some(b) = args.max_batch_size {
         serving.max_batch_size = b;
     }
+    if let Some(q) = args.max_queue {
+        serving.max_queue = q;
+    }
+    if let Some(dir) = &args.traffic {
+        s.traffic = Some(v1::Traffic { record: !args.no_record, uri: to_uri(dir) });
+    } else if args.no_record
+        && let Some(t) = s.traffic.as_mut()
+    {
+        t.record = false;
+    }
+    if let Some(keys) = &args.api_keys {
+        s.api_keys_file = to_uri(keys);
+    }
     Ok(a)
 }
 
@@ -438,6 +463,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     }
     if check {
         print!("{}", to_yaml(&assignment)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Some(Mode::Serve(_)) = &assignment.mode {
+        llmops_worker::serve::run(&assignment)?;
         return Ok(ExitCode::SUCCESS);
     }
     let mode = assignment.mode.as_ref().map(Mode::name).unwrap_or_default();

@@ -10,12 +10,26 @@ use clap::Parser;
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     pin_threads(cli.threads());
+    init_logs();
     match cli::run(cli) {
         Ok(code) => code,
         Err(err) => {
             eprintln!("error: {err:#}");
             ExitCode::from(cli::EXIT_INVALID)
         }
+    }
+}
+
+/// Logs go to stderr: JSON lines when `LLMOPS_LOG_FORMAT=json` (for log collectors),
+/// else text; `RUST_LOG` filters them (default `info`).
+fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if std::env::var("LLMOPS_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        builder.json().init();
+    } else {
+        builder.init();
     }
 }
 

@@ -113,8 +113,17 @@ fn missing_file_and_bad_yaml_are_clear_errors() {
 
 #[test]
 fn valid_assignment_without_check_says_the_mode_is_unavailable() {
-    let out = worker(&["serve", "--assignment", &example("serve.yaml")]);
+    let out = worker(&["prepare", "--assignment", &example("prepare.yaml")]);
     let (_, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(69), "{stderr}");
-    assert!(stderr.contains("cannot run the serve mode yet"), "{stderr}");
+    assert!(stderr.contains("cannot run the prepare mode yet"), "{stderr}");
+}
+
+#[test]
+fn serve_exits_with_the_reason_when_the_model_cannot_load() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("binds").local_addr().expect("addr").port();
+    let out = worker(&["serve", "--model", "/nonexistent/model.gguf", "--port", &port.to_string()]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("model not found: /nonexistent/model.gguf"), "{stderr}");
 }

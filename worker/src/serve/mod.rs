@@ -1,0 +1,761 @@
+//! `llmops-worker serve`: an OpenAI-compatible HTTP API over the engine, with continuous
+//! batching, LoRA adapters selected by model name, a traffic log with user feedback,
+//! optional API keys and Prometheus metrics.
+//!
+//! The listener starts before the model loads, so `/healthz` answers at once while
+//! `/readyz` (and the API) wait for the model.
+
+pub mod api;
+pub mod batcher;
+pub mod error;
+pub mod metrics;
+pub mod traffic;
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use llmops_crds::render::ChatMessage;
+use llmops_proto::v1::{Assignment, GenerationParameters, ServeAssignment, assignment::Mode};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+
+use self::api::{ChatRequest, Common, CompletionRequest, FeedbackRequest, PromptIn, Usage};
+use self::batcher::{Batcher, Event, Job, SubmitError};
+use self::error::ApiError;
+use self::metrics::Metrics;
+use self::traffic::{CompletionRecord, FeedbackRecord, TrafficLog};
+use crate::engine::{self, Adapter, GenerateRequest, Generation, LoadedModel, WeightFormat};
+use crate::store::local_path;
+
+/// What a loaded server serves.
+struct Loaded {
+    model: Arc<LoadedModel>,
+    batcher: Batcher,
+    /// Adapters by served name; an adapter that does not fit the base model keeps the
+    /// reason, so requests naming it get a clear error.
+    adapters: BTreeMap<String, Result<Arc<Adapter>, String>>,
+    context_length: usize,
+}
+
+/// Everything handlers share.
+struct Shared {
+    config: ServeAssignment,
+    model_name: String,
+    metrics: Arc<Metrics>,
+    api_keys: Vec<String>,
+    traffic: Option<TrafficLog>,
+    /// The deployment's prompt, rendered: put before each chat request's messages.
+    prompt_messages: Vec<ChatMessage>,
+    max_request_bytes: usize,
+    created: u64,
+    pod: String,
+    counter: AtomicU64,
+    loaded: OnceLock<Loaded>,
+}
+
+type AppState = Arc<Shared>;
+
+/// Runs the server of `assignment` until SIGTERM or Ctrl-C.
+pub fn run(assignment: &Assignment) -> Result<()> {
+    let Some(Mode::Serve(config)) = assignment.mode.clone() else { bail!("not a serve assignment") };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(serve(assignment.clone(), config))
+}
+
+fn pod_name() -> String {
+    ["POD_NAME", "HOSTNAME"]
+        .iter()
+        .filter_map(|v| std::env::var(v).ok())
+        .find(|v| !v.is_empty() && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.'))
+        .unwrap_or_else(|| "local".to_string())
+}
+
+fn read_api_keys(path: &str, assignment: &Assignment) -> Result<Vec<String>> {
+    let path = local_path(path, assignment.store.as_ref())?;
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading API keys from {}", path.display()))?;
+    let keys: Vec<String> =
+        text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from).collect();
+    if keys.is_empty() {
+        bail!("{} holds no API keys; give one key per line, or no key file for an open API", path.display());
+    }
+    Ok(keys)
+}
+
+/// The deployment's prompt as messages, rendered with the declared defaults by the
+/// shared renderer; a `template` prompt becomes the system message.
+fn prompt_messages(config: &ServeAssignment) -> Result<Vec<ChatMessage>> {
+    let Some(prompt) = &config.prompt else { return Ok(Vec::new()) };
+    let env = llmops_crds::render::environment();
+    let mut context = BTreeMap::new();
+    for v in &prompt.variables {
+        let Some(default) = &v.default else {
+            bail!(
+                "prompt {}: variable {:?} has no default; a served prompt needs a default for every variable",
+                prompt.name,
+                v.name
+            );
+        };
+        context.insert(v.name.clone(), default.clone());
+    }
+    let render = |source: &str, at: &str| -> Result<String> {
+        env.render_str(source, &context).with_context(|| format!("prompt {}: rendering {at}", prompt.name))
+    };
+    if !prompt.template.is_empty() {
+        return Ok(vec![ChatMessage { role: "system".into(), content: render(&prompt.template, "template")? }]);
+    }
+    prompt
+        .messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| Ok(ChatMessage { role: m.role.clone(), content: render(&m.content, &format!("messages[{i}]"))? }))
+        .collect()
+}
+
+async fn serve(assignment: Assignment, config: ServeAssignment) -> Result<()> {
+    let serving = config.serving.clone().unwrap_or_default();
+    let max_batch = (serving.max_batch_size as usize).max(1);
+    let metrics = Arc::new(Metrics::new(max_batch));
+    let api_keys =
+        if config.api_keys_file.is_empty() { Vec::new() } else { read_api_keys(&config.api_keys_file, &assignment)? };
+    let traffic = match config.traffic.as_ref().filter(|t| !t.uri.is_empty()) {
+        Some(t) => Some(TrafficLog::open(&local_path(&t.uri, assignment.store.as_ref())?, &pod_name(), t.record)?),
+        None => None,
+    };
+    let prompt_messages = prompt_messages(&config)?;
+    let model_name = if config.model_name.is_empty() { "model".to_string() } else { config.model_name.clone() };
+    let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let state: AppState = Arc::new(Shared {
+        config: config.clone(),
+        model_name,
+        metrics: metrics.clone(),
+        api_keys,
+        traffic,
+        prompt_messages,
+        max_request_bytes: if serving.max_request_bytes == 0 { 1 << 20 } else { serving.max_request_bytes as usize },
+        created,
+        pod: pod_name(),
+        counter: AtomicU64::new(0),
+        loaded: OnceLock::new(),
+    });
+    let address = format!("{}:{}", if serving.host.is_empty() { "127.0.0.1" } else { &serving.host }, serving.port);
+    let listener = tokio::net::TcpListener::bind(&address).await.with_context(|| format!("listening on {address}"))?;
+    tracing::info!(address = %listener.local_addr()?, "listening; loading the model");
+
+    let (fail_tx, mut fail_rx) = mpsc::channel::<anyhow::Error>(1);
+    {
+        let state = state.clone();
+        let assignment = assignment.clone();
+        tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            match load(&assignment, &state.config, max_batch, state.metrics.clone()) {
+                Ok(loaded) => {
+                    tracing::info!(
+                        seconds = started.elapsed().as_secs_f64(),
+                        model = %state.model_name,
+                        adapters = loaded.adapters.len(),
+                        "model loaded; ready"
+                    );
+                    let _ = state.loaded.set(loaded);
+                }
+                Err(e) => {
+                    let _ = fail_tx.blocking_send(e);
+                }
+            }
+        });
+    }
+    let failure: Arc<std::sync::Mutex<Option<anyhow::Error>>> = Arc::default();
+    let failure_slot = failure.clone();
+    let shutdown = async move {
+        tokio::select! {
+            Some(e) = fail_rx.recv() => { *failure_slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(e); }
+            _ = terminate() => { tracing::info!("shutting down"); }
+        }
+    };
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await.context("serving")?;
+    if let Some(e) = failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        return Err(e.context("loading the model"));
+    }
+    Ok(())
+}
+
+async fn terminate() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+            return;
+        }
+    }
+    let _ = ctrl_c.await;
+}
+
+/// sha256 of a file, hex.
+fn file_sha256(path: &std::path::Path) -> Result<String> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buffer)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buffer[..n]);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+fn load(assignment: &Assignment, config: &ServeAssignment, max_batch: usize, metrics: Arc<Metrics>) -> Result<Loaded> {
+    let weights = config.model.as_ref().and_then(|m| m.weights.as_ref()).context("the assignment names no model")?;
+    let path = local_path(&weights.uri, assignment.store.as_ref())?;
+    let device = engine::device();
+    let format = if device.is_cpu() && path.is_file() { WeightFormat::Hybrid } else { WeightFormat::AsStored };
+    let model = engine::load(&path, &device, format)?;
+    // The digest adapters are checked against; a digest the assignment gives must match.
+    let base_sha256 = if path.is_file() {
+        let found = file_sha256(&path)?;
+        if !weights.sha256.is_empty() && !weights.sha256.eq_ignore_ascii_case(&found) {
+            bail!("{} has sha256 {found}, but the assignment expects {}", path.display(), weights.sha256);
+        }
+        Some(found)
+    } else {
+        Some(weights.sha256.to_lowercase()).filter(|d| !d.is_empty())
+    };
+    let mut adapters = BTreeMap::new();
+    for served in &config.adapters {
+        let uri = served.adapter.as_ref().map(|a| a.uri.as_str()).unwrap_or_default();
+        let dir: PathBuf = local_path(uri, assignment.store.as_ref())?;
+        let adapter = Adapter::load(&dir, &model.model, base_sha256.as_deref()).map_err(|e| format!("{e:#}"));
+        if let Err(why) = &adapter {
+            tracing::error!(adapter = %served.name, error = %why, "adapter refused; requests for it will fail");
+        }
+        adapters.insert(served.name.clone(), adapter.map(Arc::new));
+    }
+    let native = model.model.config().context_length;
+    let wanted = config.serving.as_ref().map(|s| s.context_length as usize).unwrap_or(0);
+    if wanted > native {
+        bail!("serving.contextLength {wanted} is longer than the model's context of {native} tokens");
+    }
+    let context_length = if wanted == 0 { native } else { wanted };
+    let max_queue = config.serving.as_ref().map(|s| s.max_queue as usize).unwrap_or(64);
+    let model = Arc::new(model);
+    let batcher = Batcher::start(model.clone(), max_batch, max_queue, metrics);
+    Ok(Loaded { model, batcher, adapters, context_length })
+}
+
+fn router(state: AppState) -> Router {
+    let limit = state.max_request_bytes;
+    let api = Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route("/v1/feedback", post(feedback))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
+    Router::new()
+        .merge(api)
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(metrics_text))
+        .fallback(|request: Request| async move { ApiError::not_found(request.uri().path()) })
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// Constant-time comparison, so response times do not reveal how much of a key matched.
+fn same_key(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn authorize(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    if state.api_keys.is_empty() {
+        return next.run(request).await;
+    }
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match given {
+        Some(key) if state.api_keys.iter().any(|k| same_key(k, key)) => next.run(request).await,
+        _ => {
+            let err = ApiError::invalid_api_key();
+            count_error(&state, request.uri().path(), &err);
+            err.into_response()
+        }
+    }
+}
+
+fn count_error(state: &Shared, endpoint: &str, err: &ApiError) {
+    state.metrics.errors.get_or_create(&vec![("endpoint", endpoint.to_string()), ("type", err.code.to_string())]).inc();
+}
+
+async fn ready(State(state): State<AppState>) -> Response {
+    match state.loaded.get() {
+        Some(_) => (StatusCode::OK, "ready").into_response(),
+        None => ApiError::not_ready().into_response(),
+    }
+}
+
+async fn metrics_text(State(state): State<AppState>) -> Response {
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.metrics.render())
+        .into_response()
+}
+
+async fn models(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let loaded = state.loaded.get().ok_or_else(ApiError::not_ready)?;
+    let mut data =
+        vec![json!({"id": state.model_name, "object": "model", "created": state.created, "owned_by": "llmops"})];
+    for (name, adapter) in &loaded.adapters {
+        if adapter.is_ok() {
+            data.push(json!({
+                "id": name, "object": "model", "created": state.created, "owned_by": "llmops", "parent": state.model_name
+            }));
+        }
+    }
+    Ok(Json(json!({"object": "list", "data": data})))
+}
+
+/// Parses a JSON body, naming the field at fault.
+fn parse<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<T, ApiError> {
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::request_too_large(limit)
+        } else {
+            ApiError::invalid_json(rejection.body_text())
+        }
+    })?;
+    let mut de = serde_json::Deserializer::from_slice(&body);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let message = format!("the request body is not a valid request: {inner}");
+        let mut err = ApiError::invalid_json(message);
+        if path != "." && !inner.is_syntax() && !inner.is_eof() {
+            err.param = Some(path);
+        }
+        err
+    })
+}
+
+/// A fresh response id.
+fn response_id(state: &Shared, prefix: &str) -> String {
+    let n = state.counter.fetch_add(1, Ordering::Relaxed);
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let digest = Sha256::digest(format!("{}/{}/{n}/{nanos}", state.pod, std::process::id()));
+    format!("{prefix}-{}", &hex::encode(digest)[..24])
+}
+
+/// What a request resolved to, ready for the engine.
+struct Prepared {
+    id: String,
+    model: String,
+    adapter: Option<Arc<Adapter>>,
+    request: GenerateRequest,
+    stream: bool,
+    include_usage: bool,
+    /// For the traffic log.
+    messages: Option<Vec<ChatMessage>>,
+    prompt: Option<String>,
+    user: Option<String>,
+}
+
+fn resolve_model(state: &Shared, loaded: &Loaded, name: &str) -> Result<Option<Arc<Adapter>>, ApiError> {
+    if name == state.model_name {
+        return Ok(None);
+    }
+    match loaded.adapters.get(name) {
+        Some(Ok(a)) => Ok(Some(a.clone())),
+        Some(Err(why)) => Err(ApiError::adapter_base_mismatch(name, why)),
+        None => {
+            let mut served = vec![state.model_name.clone()];
+            served.extend(loaded.adapters.iter().filter(|(_, a)| a.is_ok()).map(|(n, _)| n.clone()));
+            Err(ApiError::model_not_found(name, &served))
+        }
+    }
+}
+
+fn generate_request(
+    state: &Shared,
+    loaded: &Loaded,
+    common: &Common,
+    max_tokens: Option<i64>,
+    prompt: Vec<u32>,
+    default_max: Option<usize>,
+) -> Result<GenerateRequest, ApiError> {
+    let defaults: Option<&GenerationParameters> = state.config.prompt.as_ref().and_then(|p| p.parameters.as_ref());
+    let n = state.counter.load(Ordering::Relaxed);
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let random_seed = (u64::from(nanos) << 20) ^ n;
+    let settings = api::settings(common, max_tokens, defaults, random_seed)?;
+    if prompt.is_empty() {
+        return Err(ApiError::invalid_parameter("prompt", "the prompt is empty"));
+    }
+    if prompt.len() >= loaded.context_length {
+        return Err(ApiError::context_length_exceeded(prompt.len(), loaded.context_length));
+    }
+    let room = loaded.context_length - prompt.len();
+    let max_tokens = settings.max_tokens.or(default_max).unwrap_or(room).min(room);
+    Ok(GenerateRequest { prompt, max_tokens, sampling: settings.sampling, stop: settings.stop })
+}
+
+fn prepare_chat(state: &Shared, loaded: &Loaded, req: ChatRequest) -> Result<Prepared, ApiError> {
+    if req.logprobs == Some(true) {
+        return Err(ApiError::invalid_parameter("logprobs", "logprobs are not supported"));
+    }
+    if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
+        return Err(ApiError::invalid_parameter("tools", "tool calling is not supported"));
+    }
+    let adapter = resolve_model(state, loaded, &req.common.model)?;
+    let asked = api::chat_messages(&req.messages)?;
+    let has_system = asked.iter().any(|m| m.role == "system");
+    let mut messages: Vec<ChatMessage> =
+        state.prompt_messages.iter().filter(|m| !(has_system && m.role == "system")).cloned().collect();
+    messages.extend(asked);
+    let tokenizer = &loaded.model.tokenizer;
+    let token_text = |id: Option<u32>| id.and_then(|i| tokenizer.decode(&[i], false).ok()).unwrap_or_default();
+    let text = engine::chat::render_chat(
+        loaded.model.chat_template.as_deref(),
+        &messages,
+        true,
+        &token_text(tokenizer.bos),
+        &token_text(tokenizer.eos.first().copied()),
+    )
+    .map_err(|e| ApiError::invalid_parameter("messages", format!("{e:#}")))?;
+    let prompt = tokenizer.encode(&text, true).map_err(|e| ApiError::internal(format!("{e:#}")))?;
+    let max_tokens = req.max_completion_tokens.or(req.common.max_tokens);
+    let request = generate_request(state, loaded, &req.common, max_tokens, prompt, None)?;
+    Ok(Prepared {
+        id: response_id(state, "chatcmpl"),
+        model: req.common.model.clone(),
+        adapter,
+        request,
+        stream: req.common.stream,
+        include_usage: req.common.stream_options.as_ref().is_some_and(|o| o.include_usage),
+        messages: Some(messages),
+        prompt: None,
+        user: req.common.user.clone(),
+    })
+}
+
+fn prepare_completion(state: &Shared, loaded: &Loaded, req: CompletionRequest) -> Result<Prepared, ApiError> {
+    if req.echo == Some(true) {
+        return Err(ApiError::invalid_parameter("echo", "echo is not supported"));
+    }
+    if req.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
+        return Err(ApiError::invalid_parameter("suffix", "suffix (fill-in-the-middle) is not supported"));
+    }
+    if req.logprobs.is_some() {
+        return Err(ApiError::invalid_parameter("logprobs", "logprobs are not supported"));
+    }
+    if req.best_of.is_some_and(|b| b != 1) {
+        return Err(ApiError::invalid_parameter("best_of", "best_of must be 1"));
+    }
+    let adapter = resolve_model(state, loaded, &req.common.model)?;
+    let tokenizer = &loaded.model.tokenizer;
+    let batch_error =
+        || ApiError::invalid_parameter("prompt", "send one prompt per request; batches of prompts are not supported");
+    let (text, prompt) = match req.prompt {
+        PromptIn::Text(t) => {
+            let ids = tokenizer.encode_prompt(&t).map_err(|e| ApiError::internal(format!("{e:#}")))?;
+            (t, ids)
+        }
+        PromptIn::Texts(mut v) if v.len() == 1 => {
+            let t = v.remove(0);
+            let ids = tokenizer.encode_prompt(&t).map_err(|e| ApiError::internal(format!("{e:#}")))?;
+            (t, ids)
+        }
+        PromptIn::Tokens(ids) => (tokenizer.decode(&ids, false).unwrap_or_default(), ids),
+        PromptIn::TokenLists(mut v) if v.len() == 1 => {
+            let ids = v.remove(0);
+            (tokenizer.decode(&ids, false).unwrap_or_default(), ids)
+        }
+        _ => return Err(batch_error()),
+    };
+    let vocab = loaded.model.model.config().vocab_size as u32;
+    if let Some(bad) = prompt.iter().find(|&&t| t >= vocab) {
+        return Err(ApiError::invalid_parameter(
+            "prompt",
+            format!("token id {bad} is outside the vocabulary of {vocab}"),
+        ));
+    }
+    // OpenAI's completions endpoint generates 16 tokens unless told otherwise.
+    let request = generate_request(state, loaded, &req.common, None, prompt, Some(16))?;
+    Ok(Prepared {
+        id: response_id(state, "cmpl"),
+        model: req.common.model.clone(),
+        adapter,
+        request,
+        stream: req.common.stream,
+        include_usage: req.common.stream_options.as_ref().is_some_and(|o| o.include_usage),
+        messages: None,
+        prompt: Some(text),
+        user: req.common.user.clone(),
+    })
+}
+
+/// Which endpoint a response is for.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Chat,
+    Completion,
+}
+
+impl Kind {
+    fn path(self) -> &'static str {
+        match self {
+            Kind::Chat => "/v1/chat/completions",
+            Kind::Completion => "/v1/completions",
+        }
+    }
+}
+
+async fn chat(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+    let result = async {
+        let loaded = state.loaded.get().ok_or_else(ApiError::not_ready)?;
+        let req: ChatRequest = parse(body, state.max_request_bytes)?;
+        let prepared = prepare_chat(&state, loaded, req)?;
+        respond(state.clone(), loaded, prepared, Kind::Chat).await
+    }
+    .await;
+    finish_response(&state, Kind::Chat, result)
+}
+
+async fn completions(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+    let result = async {
+        let loaded = state.loaded.get().ok_or_else(ApiError::not_ready)?;
+        let req: CompletionRequest = parse(body, state.max_request_bytes)?;
+        let prepared = prepare_completion(&state, loaded, req)?;
+        respond(state.clone(), loaded, prepared, Kind::Completion).await
+    }
+    .await;
+    finish_response(&state, Kind::Completion, result)
+}
+
+fn finish_response(state: &Shared, kind: Kind, result: Result<Response, ApiError>) -> Response {
+    match result {
+        Ok(r) => r,
+        Err(e) => {
+            count_error(state, kind.path(), &e);
+            if e.status.is_server_error() {
+                tracing::error!(code = e.code, message = %e.message, "request failed");
+            }
+            e.into_response()
+        }
+    }
+}
+
+/// Queues the request, then answers with the whole result or a stream of chunks.
+async fn respond(state: AppState, loaded: &Loaded, prepared: Prepared, kind: Kind) -> Result<Response, ApiError> {
+    state
+        .metrics
+        .requests
+        .get_or_create(&vec![("endpoint", kind.path().to_string()), ("model", prepared.model.clone())])
+        .inc();
+    let (events, mut receiver) = mpsc::unbounded_channel();
+    let job = Job {
+        request: prepared.request.clone(),
+        adapter: prepared.adapter.clone(),
+        stream: prepared.stream,
+        events,
+        accepted: Instant::now(),
+    };
+    loaded.batcher.submit(job).map_err(|e| match e {
+        SubmitError::Busy => ApiError::queue_full(),
+        SubmitError::Stopped => ApiError::internal("the engine has stopped"),
+    })?;
+    if !prepared.stream {
+        loop {
+            match receiver.recv().await {
+                Some(Event::Delta(_)) => continue,
+                Some(Event::Done { generation, .. }) => {
+                    record(&state, &prepared, &generation);
+                    return Ok(Json(whole_response(&state, &prepared, &generation, kind)).into_response());
+                }
+                Some(Event::Failed(e)) => return Err(ApiError::internal(format!("generation failed: {e}"))),
+                None => return Err(ApiError::internal("the engine dropped the request")),
+            }
+        }
+    }
+    // Chunks go through a second channel whose receiver is the response body: when the
+    // client disconnects the body is dropped, the forwarding task ends, and with it the
+    // engine's event receiver, which frees the request's batch slot.
+    let (chunks, body) = mpsc::channel::<Result<SseEvent, Infallible>>(64);
+    tokio::spawn(async move {
+        let send = |value: Value| {
+            let chunks = chunks.clone();
+            async move { chunks.send(Ok(SseEvent::default().data(value.to_string()))).await.is_ok() }
+        };
+        if kind == Kind::Chat
+            && !send(chunk(&state, &prepared, kind, json!({"role": "assistant", "content": ""}), None)).await
+        {
+            return;
+        }
+        loop {
+            match receiver.recv().await {
+                Some(Event::Delta(text)) => {
+                    if text.is_empty() {
+                        continue;
+                    }
+                    if !send(chunk(&state, &prepared, kind, json!({"content": text}), None)).await {
+                        return;
+                    }
+                }
+                Some(Event::Done { generation, rest }) => {
+                    record(&state, &prepared, &generation);
+                    if !rest.is_empty() && !send(chunk(&state, &prepared, kind, json!({"content": rest}), None)).await {
+                        return;
+                    }
+                    let finish = generation.finish_reason.as_str();
+                    let empty = if kind == Kind::Chat { json!({}) } else { json!({"content": ""}) };
+                    if !send(chunk(&state, &prepared, kind, empty, Some(finish))).await {
+                        return;
+                    }
+                    if prepared.include_usage {
+                        let usage = Usage::new(generation.prompt_tokens, generation.tokens.len());
+                        let mut last = chunk(&state, &prepared, kind, json!({}), None);
+                        last["choices"] = json!([]);
+                        last["usage"] = json!(usage);
+                        if !send(last).await {
+                            return;
+                        }
+                    }
+                    let _ = chunks.send(Ok(SseEvent::default().data("[DONE]"))).await;
+                    return;
+                }
+                Some(Event::Failed(e)) => {
+                    let err = ApiError::internal(format!("generation failed: {e}"));
+                    count_error(&state, kind.path(), &err);
+                    let _ = chunks.send(Ok(SseEvent::default().data(err.body().to_string()))).await;
+                    return;
+                }
+                None => return,
+            }
+        }
+    });
+    Ok(Sse::new(tokio_stream::wrappers::ReceiverStream::new(body)).into_response())
+}
+
+fn whole_response(state: &Shared, p: &Prepared, g: &Generation, kind: Kind) -> Value {
+    let usage = Usage::new(g.prompt_tokens, g.tokens.len());
+    let finish = g.finish_reason.as_str();
+    match kind {
+        Kind::Chat => json!({
+            "id": p.id, "object": "chat.completion", "created": now_secs(), "model": p.model,
+            "system_fingerprint": state.config.revision,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": g.text}, "logprobs": null, "finish_reason": finish}],
+            "usage": usage,
+        }),
+        Kind::Completion => json!({
+            "id": p.id, "object": "text_completion", "created": now_secs(), "model": p.model,
+            "system_fingerprint": state.config.revision,
+            "choices": [{"index": 0, "text": g.text, "logprobs": null, "finish_reason": finish}],
+            "usage": usage,
+        }),
+    }
+}
+
+/// One streamed chunk; `delta` is the chat delta (for completions its `content` is the text).
+fn chunk(state: &Shared, p: &Prepared, kind: Kind, delta: Value, finish: Option<&str>) -> Value {
+    match kind {
+        Kind::Chat => json!({
+            "id": p.id, "object": "chat.completion.chunk", "created": now_secs(), "model": p.model,
+            "system_fingerprint": state.config.revision,
+            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+        }),
+        Kind::Completion => json!({
+            "id": p.id, "object": "text_completion", "created": now_secs(), "model": p.model,
+            "system_fingerprint": state.config.revision,
+            "choices": [{"index": 0, "text": delta.get("content").cloned().unwrap_or(json!("")), "logprobs": null, "finish_reason": finish}],
+        }),
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Notes a finished completion in the traffic log; a log that cannot be written is
+/// reported but does not fail the user's request.
+fn record(state: &Shared, p: &Prepared, g: &Generation) {
+    let Some(log) = &state.traffic else { return };
+    let record = CompletionRecord {
+        id: p.id.clone(),
+        time: traffic::now(),
+        revision: state.config.revision.clone(),
+        model: p.model.clone(),
+        messages: p.messages.clone(),
+        prompt: p.prompt.clone(),
+        output: g.text.clone(),
+        finish_reason: g.finish_reason.as_str().to_string(),
+        prompt_tokens: g.prompt_tokens,
+        completion_tokens: g.tokens.len(),
+        user: p.user.clone(),
+    };
+    if let Err(e) = log.completion(record) {
+        tracing::error!(error = %format!("{e:#}"), "writing the traffic log failed");
+    }
+}
+
+async fn feedback(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+    let result = async {
+        let req: FeedbackRequest = parse(body, state.max_request_bytes)?;
+        if !(1..=5).contains(&req.rating) {
+            return Err(ApiError::invalid_parameter("rating", format!("rating must be 1 to 5, got {}", req.rating)));
+        }
+        let Some(log) = &state.traffic else {
+            return Err(ApiError::invalid_parameter(
+                "id",
+                "this server keeps no traffic log, so it cannot record feedback (start it with --traffic DIR)",
+            ));
+        };
+        let id = req.id.clone();
+        let state2 = state.clone();
+        let known = tokio::task::spawn_blocking(move || state2.traffic.as_ref().map(|l| l.knows(&id)))
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))?
+            .unwrap_or(Ok(false))
+            .map_err(|e| ApiError::internal(format!("reading the traffic log: {e:#}")))?;
+        if !known {
+            return Err(ApiError::unknown_completion(&req.id));
+        }
+        let record = FeedbackRecord {
+            id: req.id.clone(),
+            time: traffic::now(),
+            rating: req.rating as u8,
+            correction: req.correction,
+            comment: req.comment,
+        };
+        log.feedback(record).map_err(|e| ApiError::internal(format!("writing the traffic log: {e:#}")))?;
+        state.metrics.feedback.get_or_create(&vec![("rating", req.rating.to_string())]).inc();
+        Ok(Json(json!({"id": req.id, "object": "feedback", "recorded": true})).into_response())
+    }
+    .await;
+    match result {
+        Ok(r) => r,
+        Err(e) => {
+            count_error(&state, "/v1/feedback", &e);
+            e.into_response()
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! `llmops-worker serve` driven over HTTP by the official `openai` Python client
+//! (tests/openai_client.py, in a venv from scripts/openai-env) with the real SmolLM2.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+
+fn python() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/openai-env");
+        let out = Command::new(&script).stderr(Stdio::inherit()).output().expect("scripts/openai-env runs");
+        assert!(out.status.success(), "scripts/openai-env failed");
+        PathBuf::from(String::from_utf8(out.stdout).expect("utf-8").lines().last().expect("a path").trim())
+    })
+    .clone()
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("llmops-serve-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("creates scratch");
+    dir
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("binds").local_addr().expect("addr").port()
+}
+
+/// Status code of a GET, or None when nothing listens.
+fn get_status(port: u16, path: &str) -> Option<u16> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    response.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// A running server, stopped on drop.
+struct Server {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+}
+
+impl Server {
+    /// Starts `llmops-worker serve ARGS --port P` and waits for /readyz.
+    fn start(dir: &Path, args: &[String]) -> Self {
+        let port = free_port();
+        let log = dir.join("server.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_llmops-worker"))
+            .arg("serve")
+            .args(args)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .env("POD_NAME", "test-pod")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("starts the server");
+        let mut server = Self { child, port, log };
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            if let Some(status) = server.child.try_wait().expect("polls") {
+                panic!("the server exited with {status}:\n{}", server.log_text());
+            }
+            if get_status(port, "/readyz") == Some(200) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the server did not get ready:\n{}", server.log_text());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        server
+    }
+
+    fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs a scenario of openai_client.py against this server.
+    fn scenario(&self, name: &str, extra: &[&str]) {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_client.py");
+        let out =
+            Command::new(python()).arg(script).arg(name).arg(self.base()).args(extra).output().expect("runs python");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "scenario {name} failed:\n{stdout}\n{stderr}\nserver log:\n{}", self.log_text());
+        println!("{stdout}");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn model_args() -> Vec<String> {
+    vec!["--model".into(), common::test_model().display().to_string(), "--model-name".into(), "smollm2".into()]
+}
+
+#[test]
+fn openai_client_chat_completions_streaming_errors_and_feedback() {
+    let dir = scratch("api");
+    let traffic = dir.join("traffic");
+    let assignment = format!(
+        r#"workload: {{namespace: default, kind: ModelDeployment, name: api-test, uid: 0b4c3d2e-1f00-4a5b-8c7d-6e5f4a3b2c1d}}
+serve:
+  model:
+    weights: {{uri: "file://{model}"}}
+    format: gguf
+  modelName: smollm2
+  serving: {{host: 127.0.0.1, port: 8000, maxBatchSize: 4, maxQueue: 16, maxRequestBytes: 65536}}
+  traffic: {{record: true, uri: "file://{traffic}"}}
+  revision: rev-test
+"#,
+        model = common::test_model().display(),
+        traffic = traffic.display()
+    );
+    let file = dir.join("assignment.yaml");
+    std::fs::write(&file, assignment).expect("writes the assignment");
+    let server = Server::start(&dir, &["--assignment".into(), file.display().to_string()]);
+    server.scenario("api", &[&traffic.display().to_string()]);
+    let log = std::fs::read_to_string(traffic.join("test-pod.jsonl")).expect("the pod's traffic log");
+    assert!(log.lines().count() > 5, "completions were recorded");
+}
+
+#[test]
+fn api_keys_are_required_when_configured() {
+    let dir = scratch("auth");
+    let keys = dir.join("keys");
+    std::fs::write(&keys, "# team A\nsk-test-key-1\n\nsk-test-key-2\n").expect("writes keys");
+    let mut args = model_args();
+    args.extend(["--api-keys".into(), keys.display().to_string()]);
+    let server = Server::start(&dir, &args);
+    server.scenario("auth", &["sk-test-key-2"]);
+}
+
+#[test]
+fn concurrent_requests_are_batched_and_match_their_solo_outputs() {
+    let dir = scratch("batch");
+    let mut args = model_args();
+    args.extend(["--max-batch-size".into(), "8".into()]);
+    let server = Server::start(&dir, &args);
+    server.scenario("batch", &[]);
+}
+
+#[test]
+fn a_flood_beyond_the_queue_gets_429_and_accepted_requests_complete() {
+    let dir = scratch("flood");
+    let mut args = model_args();
+    args.extend(["--max-batch-size".into(), "2".into(), "--max-queue".into(), "2".into()]);
+    let server = Server::start(&dir, &args);
+    server.scenario("flood", &[]);
+}
+
+/// Writes a PEFT-layout LoRA adapter for q_proj and v_proj; `b_scale` 0 gives an update
+/// of zero. `hidden` lets a test write one for another model's shapes.
+fn write_adapter(dir: &Path, hidden: usize, b_scale: f64, base_sha256: Option<&str>) {
+    std::fs::create_dir_all(dir).expect("creates the adapter dir");
+    let (r, q_out, kv_out) = (8, 576, 192);
+    let mut tensors = HashMap::new();
+    for layer in 0..30 {
+        for (module, out) in [("q_proj", q_out), ("v_proj", kv_out)] {
+            let prefix = format!("base_model.model.model.layers.{layer}.self_attn.{module}");
+            let a = Tensor::randn(0f32, 0.1, (r, hidden), &Device::Cpu).expect("a");
+            let b = (Tensor::randn(0f32, 0.1, (out, r), &Device::Cpu).expect("b") * b_scale).expect("b");
+            tensors.insert(format!("{prefix}.lora_A.weight"), a);
+            tensors.insert(format!("{prefix}.lora_B.weight"), b.to_dtype(DType::F32).expect("f32"));
+        }
+    }
+    candle_core::safetensors::save(&tensors, dir.join("adapter_model.safetensors")).expect("writes tensors");
+    let config = serde_json::json!({
+        "peft_type": "LORA", "r": r, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"],
+        "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct"
+    });
+    std::fs::write(dir.join("adapter_config.json"), config.to_string()).expect("writes config");
+    if let Some(sha) = base_sha256 {
+        let manifest = serde_json::json!({"inputs": {"base_model": {"sha256": sha}}});
+        std::fs::write(dir.join("manifest.json"), manifest.to_string()).expect("writes manifest");
+    }
+}
+
+#[test]
+fn lora_adapters_are_served_by_name_and_foreign_ones_refused() {
+    let dir = scratch("adapters");
+    write_adapter(&dir.join("tuned"), 576, 1.0, None);
+    write_adapter(&dir.join("zero"), 576, 0.0, None);
+    // Right shapes, but its manifest names another base model.
+    write_adapter(&dir.join("foreign"), 576, 1.0, Some(&"ab".repeat(32)));
+    let mut args = model_args();
+    for name in ["tuned", "zero", "foreign"] {
+        args.extend(["--adapter".into(), format!("{name}={}", dir.join(name).display())]);
+    }
+    let server = Server::start(&dir, &args);
+    server.scenario("adapters", &[]);
+    assert!(server.log_text().contains("adapter refused"), "the refusal is logged");
+}
+
+#[test]
+fn adapters_of_other_shapes_are_refused_with_the_tensor_named() {
+    let dir = scratch("shapes");
+    write_adapter(&dir.join("wide"), 1024, 1.0, None);
+    let model = llmops_worker::engine::load(&common::test_model(), &Device::Cpu, Default::default()).expect("loads");
+    let err = llmops_worker::engine::Adapter::load(&dir.join("wide"), &model.model, None).expect_err("refused");
+    let message = format!("{err:#}");
+    assert!(message.contains("does not fit this base model") && message.contains("[r, 576]"), "{message}");
+}
