@@ -205,6 +205,25 @@ def scenario_flood(base):
     assert f'type="queue_full"}} {len(busy)}' in metrics, metrics
 
 
+def metric(base, name):
+    _, metrics = raw(base, "/metrics")
+    return float(re.search(rf"^{name} (\S+)$", metrics, re.M).group(1))
+
+
+def scenario_disconnect(base):
+    """With one batch slot, a streaming client that leaves must free it at once."""
+    c = client(base)
+    stream = c.completions.create(model=MODEL, prompt="Count from 1 to 1000: 1, 2, 3,", temperature=0,
+                                  max_tokens=3000, stream=True)
+    next(iter(stream))
+    stream.close()
+    r = c.completions.create(model=MODEL, prompt="The sky is", temperature=0, max_tokens=8)
+    assert r.usage.completion_tokens == 8, r
+    assert metric(base, "llmops_worker_cancelled_requests_total") == 1
+    # Only the second request ran to its end.
+    assert metric(base, "llmops_worker_generated_tokens_total") == 8
+
+
 def scenario_adapters(base):
     c = client(base)
     ids = sorted(m.id for m in c.models.list().data)

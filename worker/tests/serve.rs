@@ -167,6 +167,15 @@ fn a_flood_beyond_the_queue_gets_429_and_accepted_requests_complete() {
     server.scenario("flood", &[]);
 }
 
+#[test]
+fn a_client_that_disconnects_frees_its_batch_slot() {
+    let dir = scratch("disconnect");
+    let mut args = model_args();
+    args.extend(["--max-batch-size".into(), "1".into()]);
+    let server = Server::start(&dir, &args);
+    server.scenario("disconnect", &[]);
+}
+
 /// Writes a PEFT-layout LoRA adapter for q_proj and v_proj; `b_scale` 0 gives an update
 /// of zero. `hidden` lets a test write one for another model's shapes.
 fn write_adapter(dir: &Path, hidden: usize, b_scale: f64, base_sha256: Option<&str>) {

@@ -301,6 +301,140 @@ mod tests {
         assert!(parse_name("base_model.model.model.layers.0.self_attn.q_proj.weight").is_err());
     }
 
+    use crate::engine::model::{Arch, Block, KvCache, Linear};
+    use candle_core::quantized::QMatMul;
+    use candle_core::{D, Device};
+
+    const HIDDEN: usize = 16;
+    const INTER: usize = 32;
+    const HEADS: usize = 4;
+    const KV_HEADS: usize = 2;
+    const HEAD_DIM: usize = 4;
+    const VOCAB: usize = 50;
+
+    fn config() -> ModelConfig {
+        ModelConfig {
+            arch: Arch::Llama,
+            hidden_size: HIDDEN,
+            intermediate_size: INTER,
+            num_layers: 2,
+            num_heads: HEADS,
+            num_kv_heads: KV_HEADS,
+            head_dim: HEAD_DIM,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10000.0,
+            context_length: 64,
+            vocab_size: VOCAB,
+            interleaved_rope: true,
+            f16_kv_rounding: false,
+        }
+    }
+
+    fn randn(shape: (usize, usize)) -> Tensor {
+        Tensor::randn(0f32, 0.3, shape, &Device::Cpu).expect("randn")
+    }
+
+    /// HF-layout weights of one layer by PEFT module name.
+    type LayerWeights = BTreeMap<&'static str, Tensor>;
+
+    fn random_layer() -> LayerWeights {
+        TARGET_MODULES
+            .iter()
+            .map(|&m| {
+                let (out, inp) = module_shape(&config(), m);
+                (m, randn((out, inp)))
+            })
+            .collect()
+    }
+
+    /// A tiny model in the GGUF layout (q/k rows interleaved) from HF-layout weights.
+    fn model(layers: &[LayerWeights], embed: &Tensor, head: &Tensor) -> LlamaModel {
+        let linear = |w: Tensor| Linear::new(QMatMul::Tensor(w), None);
+        let ones = |n: usize| Tensor::ones(n, DType::F32, &Device::Cpu).expect("ones");
+        let blocks = layers
+            .iter()
+            .map(|l| {
+                let q = hf_qk_to_gguf(&l["q_proj"], HEADS).expect("q");
+                let k = hf_qk_to_gguf(&l["k_proj"], KV_HEADS).expect("k");
+                Block {
+                    attn_norm: ones(HIDDEN),
+                    qkv: linear(Tensor::cat(&[q, k, l["v_proj"].clone()], 0).expect("qkv")),
+                    o: linear(l["o_proj"].clone()),
+                    ffn_norm: ones(HIDDEN),
+                    gate_up: linear(Tensor::cat(&[&l["gate_proj"], &l["up_proj"]], 0).expect("gate_up")),
+                    down: linear(l["down_proj"].clone()),
+                }
+            })
+            .collect();
+        LlamaModel::new(config(), embed.clone(), blocks, ones(HIDDEN), linear(head.clone()), &Device::Cpu)
+            .expect("model")
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .expect("sub")
+            .abs()
+            .expect("abs")
+            .flatten_all()
+            .expect("f")
+            .max(D::Minus1)
+            .expect("max")
+            .to_scalar()
+            .expect("s")
+    }
+
+    /// Serving with an adapter gives what the merged weights W + (alpha / r) B A give, for
+    /// a prompt and for a batched decode step that mixes adapted and plain sequences.
+    #[test]
+    fn adapter_equals_merged_weights_in_prefill_and_mixed_batches() {
+        let layers = vec![random_layer(), random_layer()];
+        let (embed, head) = (randn((VOCAB, HIDDEN)), randn((VOCAB, HIDDEN)));
+        let base = model(&layers, &embed, &head);
+        let (r, alpha) = (2usize, 6.0f64);
+        let targets = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"];
+        let mut tensors = std::collections::HashMap::new();
+        let mut merged_layers = layers.clone();
+        for (i, merged) in merged_layers.iter_mut().enumerate() {
+            for m in targets {
+                let (out, inp) = module_shape(&config(), m);
+                let (a, b) = (randn((r, inp)), randn((out, r)));
+                let update = (b.matmul(&a).expect("ba") * (alpha / r as f64)).expect("scale");
+                merged.insert(m, (&merged[m] + update).expect("merge"));
+                let prefix = format!("base_model.model.model.layers.{i}.{m}");
+                tensors.insert(format!("{prefix}.lora_A.weight"), a);
+                tensors.insert(format!("{prefix}.lora_B.weight"), b);
+            }
+        }
+        let merged = model(&merged_layers, &embed, &head);
+        let adapter_config = AdapterConfig {
+            r,
+            lora_alpha: alpha,
+            target_modules: TargetModules::List(targets.iter().map(|t| t.to_string()).collect()),
+            use_rslora: false,
+            base_model_name_or_path: None,
+            peft_type: Some("LORA".into()),
+        };
+        let layers = build_layers(&adapter_config, tensors, &base).expect("builds");
+        let adapter = Adapter { config: adapter_config, base_sha256: None, layers };
+
+        let prompt = [3u32, 14, 15, 9, 2, 6];
+        let (mut with, mut reference) = (KvCache::default(), KvCache::default());
+        let got = base.forward_with(&prompt, &mut with, true, Some(&adapter)).expect("adapted");
+        let want = merged.forward(&prompt, &mut reference, true).expect("merged");
+        assert!(max_diff(&got, &want) < 1e-4, "prefill differs by {}", max_diff(&got, &want));
+
+        // Sequence 0 adapted, sequence 1 plain, decoded together.
+        let (mut plain, mut plain_reference) = (KvCache::default(), KvCache::default());
+        base.forward(&prompt[..4], &mut plain, false).expect("plain prefill");
+        base.forward(&prompt[..4], &mut plain_reference, false).expect("plain prefill");
+        let got =
+            base.decode_batch_with(&[7, 8], &mut [&mut with, &mut plain], &[Some(&adapter), None]).expect("mixed step");
+        let want_adapted = merged.forward(&[7], &mut reference, false).expect("merged step");
+        let want_plain = base.forward(&[8], &mut plain_reference, false).expect("plain step");
+        assert!(max_diff(&got.get(0).expect("row"), &want_adapted.get(0).expect("row")) < 1e-4);
+        assert!(max_diff(&got.get(1).expect("row"), &want_plain.get(0).expect("row")) < 1e-5);
+    }
+
     #[test]
     fn gguf_permutation_inverts_the_loader_one() {
         let b = Tensor::arange(0f32, 64.0, &candle_core::Device::Cpu).expect("t").reshape((16, 4)).expect("r");

@@ -131,7 +131,9 @@ impl Engine {
                     running.push(r);
                 }
             }
+            let before = running.len();
             running.retain(|r| !r.events.is_closed());
+            self.metrics.cancelled.inc_by((before - running.len()) as u64);
             self.metrics.batch_size.set(running.len() as i64);
             if running.is_empty() {
                 continue;
@@ -173,6 +175,7 @@ impl Engine {
     /// Prefills a job; a job whose client already left is dropped unseen.
     fn admit(&self, job: Job) -> Option<Running> {
         if job.events.is_closed() {
+            self.metrics.cancelled.inc();
             return None;
         }
         self.metrics.queue_time.observe(job.accepted.elapsed().as_secs_f64());

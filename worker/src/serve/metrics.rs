@@ -37,6 +37,8 @@ pub struct Metrics {
     pub decode_batch_size: Histogram,
     /// Feedback records by rating.
     pub feedback: Family<Labels, Counter>,
+    /// Requests dropped because their client went away before they finished.
+    pub cancelled: Counter,
 }
 
 impl Metrics {
@@ -78,7 +80,10 @@ impl Metrics {
         );
         let feedback = Family::<Labels, Counter>::default();
         registry.register("feedback", "Feedback records by rating", feedback.clone());
+        let cancelled = Counter::default();
+        registry.register("cancelled_requests", "Requests dropped because their client went away", cancelled.clone());
         Self {
+            cancelled,
             registry,
             requests,
             errors,
