@@ -465,9 +465,16 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         print!("{}", to_yaml(&assignment)?);
         return Ok(ExitCode::SUCCESS);
     }
-    if let Some(Mode::Serve(_)) = &assignment.mode {
-        llmops_worker::serve::run(&assignment)?;
-        return Ok(ExitCode::SUCCESS);
+    match &assignment.mode {
+        Some(Mode::Serve(_)) => {
+            llmops_worker::serve::run(&assignment)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Some(Mode::Prepare(_)) => {
+            llmops_worker::prepare::run(&assignment)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        _ => {}
     }
     let mode = assignment.mode.as_ref().map(Mode::name).unwrap_or_default();
     eprintln!(

@@ -3,5 +3,6 @@
 
 pub mod bench;
 pub mod engine;
+pub mod prepare;
 pub mod serve;
 pub mod store;

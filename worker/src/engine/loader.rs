@@ -271,6 +271,30 @@ struct HfConfig {
     eos_token_id: Option<serde_json::Value>,
 }
 
+/// Only the tokenizer of a GGUF file or an HF directory, without reading any weights
+/// (for counting tokens).
+pub fn load_tokenizer(path: &Path) -> Result<TextTokenizer> {
+    let meta = std::fs::metadata(path).with_context(|| format!("model not found: {}", path.display()))?;
+    if meta.is_file() {
+        let mut file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let content = gguf_file::Content::read(&mut file)
+            .map_err(|e| anyhow::anyhow!("{} is not a valid GGUF file: {e}", path.display()))?;
+        return TextTokenizer::from_gguf(&content);
+    }
+    let tokenizer_path = path.join("tokenizer.json");
+    if !tokenizer_path.is_file() {
+        bail!("{} has no tokenizer.json", path.display());
+    }
+    let config: serde_json::Value = match std::fs::read_to_string(path.join("config.json")) {
+        Ok(text) => serde_json::from_str(&text).with_context(|| format!("parsing {}/config.json", path.display()))?,
+        Err(_) => serde_json::Value::Null,
+    };
+    let (tokenizer_config, _) = read_tokenizer_config(path)?;
+    let add_bos = tokenizer_config.get("add_bos_token").and_then(|v| v.as_bool()).unwrap_or(false);
+    let bos = ids(&config.get("bos_token_id").cloned()).first().copied();
+    TextTokenizer::from_file(&tokenizer_path, bos, ids(&config.get("eos_token_id").cloned()), add_bos)
+}
+
 fn ids(value: &Option<serde_json::Value>) -> Vec<u32> {
     match value {
         Some(serde_json::Value::Number(n)) => n.as_u64().map(|v| v as u32).into_iter().collect(),

@@ -40,7 +40,7 @@ use self::error::ApiError;
 use self::metrics::Metrics;
 use self::traffic::{CompletionRecord, FeedbackRecord, TrafficLog};
 use crate::engine::{self, Adapter, GenerateRequest, Generation, LoadedModel, WeightFormat};
-use crate::store::local_path;
+use crate::store::{file_sha256, local_path};
 
 /// What a loaded server serves.
 struct Loaded {
@@ -207,22 +207,6 @@ async fn terminate() {
         }
     }
     let _ = ctrl_c.await;
-}
-
-/// sha256 of a file, hex.
-fn file_sha256(path: &std::path::Path) -> Result<String> {
-    use std::io::Read;
-    let mut file = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut hasher = Sha256::new();
-    let mut buffer = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buffer)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buffer[..n]);
-    }
-    Ok(hex::encode(hasher.finalize()))
 }
 
 fn load(assignment: &Assignment, config: &ServeAssignment, max_batch: usize, metrics: Arc<Metrics>) -> Result<Loaded> {
