@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use llmops_proto::v1::{Store, store::Backend};
 
 /// The local path of `uri`. A `store://` URI needs a volume-backed store; `s3://` and
@@ -32,6 +32,89 @@ pub fn local_path(uri: &str, store: Option<&Store>) -> Result<PathBuf> {
         bail!("{uri}: {scheme}:// artifacts must be staged into local files first (the agent does this in a pod)");
     }
     Ok(PathBuf::from(uri))
+}
+
+/// Whether `uri` names a remote object that must be downloaded before reading.
+pub fn is_remote(uri: &str) -> bool {
+    ["s3://", "https://", "http://"].iter().any(|p| uri.starts_with(p))
+}
+
+/// Downloads a remote source into `scratch` (streamed to disk, never held in memory) and
+/// returns the local path: the file, or for an `s3://bucket/prefix/` the directory of
+/// every object under the prefix. S3 credentials, region and endpoint (any S3-compatible
+/// store) come from the standard AWS_* environment variables.
+pub fn stage(uri: &str, scratch: &std::path::Path) -> Result<PathBuf> {
+    use object_store::{ObjectStore, path::Path as ObjectPath};
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let (store, keys, base): (Box<dyn ObjectStore>, Vec<ObjectPath>, String) =
+            if let Some(rest) = uri.strip_prefix("s3://") {
+                let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
+                let store = object_store::aws::AmazonS3Builder::from_env()
+                    .with_bucket_name(bucket)
+                    .build()
+                    .map_err(|e| anyhow::anyhow!("{uri}: {e}"))?;
+                let keys = if key.is_empty() || key.ends_with('/') {
+                    use tokio_stream::StreamExt;
+                    let prefix = ObjectPath::from(key.trim_end_matches('/'));
+                    let mut listing = store.list(Some(&prefix));
+                    let mut keys = Vec::new();
+                    while let Some(meta) = listing.next().await {
+                        keys.push(meta.map_err(|e| anyhow::anyhow!("listing {uri}: {e}"))?.location);
+                    }
+                    keys.sort();
+                    if keys.is_empty() {
+                        bail!("{uri}: no objects under this prefix");
+                    }
+                    keys
+                } else {
+                    vec![ObjectPath::from(key)]
+                };
+                (Box::new(store), keys, key.trim_end_matches('/').to_string())
+            } else {
+                let (scheme, rest) = uri.split_once("://").unwrap_or(("https", uri));
+                let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+                let options = object_store::ClientOptions::new().with_allow_http(scheme == "http");
+                let store = object_store::http::HttpBuilder::new()
+                    .with_url(format!("{scheme}://{host}"))
+                    .with_client_options(options)
+                    .build()
+                    .map_err(|e| anyhow::anyhow!("{uri}: {e}"))?;
+                (Box::new(store), vec![ObjectPath::from(path)], path.to_string())
+            };
+        let single = keys.len() == 1 && keys[0].as_ref() == base;
+        std::fs::create_dir_all(scratch)?;
+        for key in &keys {
+            let relative = if single {
+                key.filename().unwrap_or("object").to_string()
+            } else {
+                key.as_ref().strip_prefix(base.as_str()).unwrap_or(key.as_ref()).trim_start_matches('/').to_string()
+            };
+            let target = scratch.join(&relative);
+            if let Some(parent) = target.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            download(store.as_ref(), key, &target).await.with_context(|| format!("downloading {uri} ({key})"))?;
+        }
+        Ok(if single { scratch.join(keys[0].filename().unwrap_or("object")) } else { scratch.to_path_buf() })
+    })
+}
+
+async fn download(
+    store: &dyn object_store::ObjectStore,
+    key: &object_store::path::Path,
+    target: &std::path::Path,
+) -> Result<()> {
+    use std::io::Write;
+    use tokio_stream::StreamExt;
+    let result = store.get_opts(key, object_store::GetOptions::default()).await?;
+    let mut stream = result.into_stream();
+    let mut file = std::io::BufWriter::new(std::fs::File::create(target)?);
+    while let Some(chunk) = stream.next().await {
+        file.write_all(&chunk?)?;
+    }
+    file.flush()?;
+    Ok(())
 }
 
 /// sha256 of a file, lowercase hex, read in 1 MiB blocks.

@@ -424,3 +424,50 @@ fn a_source_with_no_readable_row_fails_with_the_first_error() {
     assert!(stderr.contains("none of the 2 rows") && stderr.contains("invalid JSON"), "{stderr}");
     assert!(!dir.join("out/manifest.json").exists(), "no manifest for a failed run");
 }
+
+/// Serves `body` for every GET (and HEAD) on a local port, like a plain file server.
+fn serve_once(body: Vec<u8>) -> u16 {
+    use std::io::{BufRead, BufReader};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binds");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+            let mut request = String::new();
+            reader.read_line(&mut request).expect("request line");
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                line.clear();
+            }
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = stream.write_all(head.as_bytes());
+            if request.starts_with("GET") {
+                let _ = stream.write_all(&body);
+            }
+        }
+    });
+    port
+}
+
+#[test]
+fn http_sources_are_downloaded_then_read() {
+    let dir = scratch("http");
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    for r in text_rows(30) {
+        writeln!(gz, "{r}").expect("writes");
+    }
+    let port = serve_once(gz.finish().expect("gz"));
+    let manifest = prepare(
+        &dir,
+        &format!(
+            "  source: {{uri: \"http://127.0.0.1:{port}/data/qa.jsonl.gz\"}}\n  schema: completion\n  mapping: {{prompt: question, completion: answer}}\n  split: {{train: 1.0, validation: 0.0, test: 0.0}}\n  output: {{uri: \"file://{}/out\"}}\n",
+            dir.display()
+        ),
+    );
+    assert_eq!(manifest["counts"]["written"], 30, "{manifest:#}");
+    assert_eq!(manifest["inputs"]["source"]["uri"], format!("http://127.0.0.1:{port}/data/qa.jsonl.gz"));
+}

@@ -262,10 +262,20 @@ fn run_into(
     let digests = Digests::default();
     let format = Format::parse(&p.format)?;
     let mut snapshot_time = None;
+    // Held to the end of the run: dropping it removes downloaded sources.
+    let mut _scratch: Option<Cleanup> = None;
     let source = p.source.as_ref().and_then(|s| s.source.as_ref()).context("prepare.source is required")?;
     let (rows, source_uri): (Box<dyn Iterator<Item = Row> + Send>, String) = match source {
         data_source::Source::Uri(uri) => {
-            let path = local_path(uri, store)?;
+            let path = if crate::store::is_remote(uri) {
+                // Downloaded to local scratch, not to the store the output goes to.
+                let scratch = std::env::temp_dir().join(format!("llmops-source-{}", std::process::id()));
+                let _ = std::fs::remove_dir_all(&scratch);
+                _scratch = Some(Cleanup(scratch.clone()));
+                crate::store::stage(uri, &scratch)?
+            } else {
+                local_path(uri, store)?
+            };
             let files = source::list_files(&path.display().to_string())?;
             let mut iters: Vec<Box<dyn Iterator<Item = Row> + Send>> = Vec::new();
             for file in files {
@@ -306,8 +316,7 @@ fn run_into(
             };
             snapshot_time = Some(until.clone());
             let dir = local_path(&f.uri, store)?;
-            let rows = source::feedback_rows(&dir, f.min_rating.max(1), f.prefer_correction, &until)?;
-            (Box::new(rows.into_iter()), f.uri.clone())
+            (source::feedback_rows(&dir, f.min_rating.max(1), f.prefer_correction, &until)?, f.uri.clone())
         }
     };
 
@@ -455,6 +464,15 @@ fn run_into(
         "dataset prepared"
     );
     Ok(manifest)
+}
+
+/// Removes a scratch directory when dropped.
+struct Cleanup(std::path::PathBuf);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// Applies one step to the live records of a chunk.

@@ -346,11 +346,19 @@ fn arrow_cast_u64(array: &ArrayRef, i: usize) -> u64 {
     }
 }
 
+/// The latest feedback on a completion: its time, rating and correction.
+type Rating = (String, u8, Option<String>);
+
 /// Rows of a traffic log directory snapshot: completions finished at or before `until`
 /// (RFC 3339) whose latest rating is at least `min_rating`, with the user's correction as
 /// the answer when `prefer_correction` and one was given. Each row has the fields of all
 /// three schemas (`messages` or `prompt`/`completion`, and `text`).
-pub fn feedback_rows(dir: &Path, min_rating: u32, prefer_correction: bool, until: &str) -> Result<Vec<Row>> {
+pub fn feedback_rows(
+    dir: &Path,
+    min_rating: u32,
+    prefer_correction: bool,
+    until: &str,
+) -> Result<Box<dyn Iterator<Item = Row> + Send>> {
     let until: jiff::Timestamp = until.parse().with_context(|| format!("bad snapshot time {until:?}"))?;
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("reading the traffic log {}", dir.display()))?
@@ -358,9 +366,9 @@ pub fn feedback_rows(dir: &Path, min_rating: u32, prefer_correction: bool, until
         .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
         .collect();
     files.sort();
-    let in_snapshot = |time: &str| time.parse::<jiff::Timestamp>().is_ok_and(|t| t <= until);
+    let in_snapshot = move |time: &str| time.parse::<jiff::Timestamp>().is_ok_and(|t| t <= until);
     // Pass 1: the latest rating and correction of each id (feedback is small).
-    let mut ratings: HashMap<String, (String, u8, Option<String>)> = HashMap::new();
+    let mut ratings: HashMap<String, Rating> = HashMap::new();
     for file in &files {
         for line in BufReader::new(File::open(file)?).lines() {
             if let Ok(TrafficRecord::Feedback(f)) = serde_json::from_str(&line?)
@@ -373,16 +381,26 @@ pub fn feedback_rows(dir: &Path, min_rating: u32, prefer_correction: bool, until
             }
         }
     }
-    // Pass 2: rated completions.
-    let mut rows = Vec::new();
-    for file in &files {
+    // Pass 2, streamed: rated completions, file by file.
+    let rows = files.into_iter().flat_map(move |file| {
         let origin: Arc<str> = Arc::from(file.display().to_string());
-        for (n, line) in BufReader::new(File::open(file)?).lines().enumerate() {
-            let line = line?;
-            let Ok(TrafficRecord::Completion(c)) = serde_json::from_str(&line) else { continue };
-            let Some((_, rating, correction)) = ratings.get(&c.id) else { continue };
+        let lines: Box<dyn Iterator<Item = std::io::Result<String>> + Send> = match File::open(&file) {
+            Ok(f) => Box::new(BufReader::new(f).lines()),
+            Err(e) => Box::new(std::iter::once(Err(e))),
+        };
+        let ratings = ratings.clone();
+        lines.enumerate().filter_map(move |(n, line)| {
+            let line_no = n as u64 + 1;
+            let line = match line {
+                Ok(l) => l,
+                Err(e) => {
+                    return Some(Row { origin: origin.clone(), line: line_no, value: Err(format!("read error: {e}")) });
+                }
+            };
+            let Ok(TrafficRecord::Completion(c)) = serde_json::from_str(&line) else { return None };
+            let (_, rating, correction) = ratings.get(&c.id)?;
             if u32::from(*rating) < min_rating || !in_snapshot(&c.time) {
-                continue;
+                return None;
             }
             let answer = match correction {
                 Some(fix) if prefer_correction && !fix.trim().is_empty() => fix.clone(),
@@ -405,13 +423,13 @@ pub fn feedback_rows(dir: &Path, min_rating: u32, prefer_correction: bool, until
                     row.insert("completion".into(), Value::String(answer.clone()));
                     format!("{prompt}{answer}")
                 }
-                (None, None) => continue,
+                (None, None) => return None,
             };
             row.insert("text".into(), Value::String(text));
-            rows.push(Row { origin: origin.clone(), line: n as u64 + 1, value: Ok(row) });
-        }
-    }
-    Ok(rows)
+            Some(Row { origin: origin.clone(), line: line_no, value: Ok(row) })
+        })
+    });
+    Ok(Box::new(rows))
 }
 
 /// Whether rows of `format` can become records of `schema` without a mapping: a hint
