@@ -66,6 +66,18 @@ struct PrepareArgs {
     /// Also write JSONL beside Parquet.
     #[arg(long)]
     jsonl: bool,
+    /// Append Unicode (NFKC) and whitespace normalisation to the transforms.
+    #[arg(long)]
+    normalize: bool,
+    /// Append redaction of emails, phone numbers, IP addresses and card numbers.
+    #[arg(long)]
+    redact: bool,
+    /// Append exact and near-duplicate removal (5-word shingles, 128 permutations, 0.5).
+    #[arg(long)]
+    dedup: bool,
+    /// Count tokens with this model's tokenizer (GGUF file or HF directory).
+    #[arg(long, value_name = "MODEL")]
+    tokenizer: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -349,6 +361,22 @@ fn build_prepare(args: &PrepareArgs) -> Result<Assignment> {
         p.output = Some(output(o));
     }
     p.write_jsonl |= args.jsonl;
+    use v1::transform::Transform as T;
+    let mut push = |t: T| p.transforms.push(v1::Transform { transform: Some(t) });
+    if args.normalize {
+        push(T::Normalize(v1::Normalize { unicode: "NFKC".into(), whitespace: true }));
+    }
+    if args.redact {
+        let kinds = ["email", "phone", "ipAddress", "creditCard"].iter().map(|k| k.to_string()).collect();
+        push(T::Redact(v1::Redact { kinds, custom: Vec::new() }));
+    }
+    if args.dedup {
+        push(T::ExactDedup(v1::ExactDedup { case_sensitive: false }));
+        push(T::NearDedup(v1::NearDedup { shingle_size: 5, permutations: 128, threshold: 0.5, seed: 0 }));
+    }
+    if let Some(m) = &args.tokenizer {
+        p.token_stats = Some(v1::TokenStats { tokenizer: Some(model(m)), histogram_buckets: 12 });
+    }
     Ok(a)
 }
 

@@ -471,3 +471,40 @@ fn http_sources_are_downloaded_then_read() {
     assert_eq!(manifest["counts"]["written"], 30, "{manifest:#}");
     assert_eq!(manifest["inputs"]["source"]["uri"], format!("http://127.0.0.1:{port}/data/qa.jsonl.gz"));
 }
+
+#[test]
+fn local_flags_build_a_working_run() {
+    let dir = scratch("flags");
+    let input = dir.join("in.jsonl");
+    write_jsonl(
+        &input,
+        &[
+            json!({"text": "Write to  bob@example.com today."}),
+            json!({"text": "write to bob@example.com TODAY."}),
+            json!({"text": "Something else entirely, about the weather in spring."}),
+        ],
+    );
+    let out = dir.join("out");
+    let run = worker(&[
+        "prepare",
+        "--input",
+        &input.display().to_string(),
+        "--schema",
+        "text",
+        "--out",
+        &out.display().to_string(),
+        "--normalize",
+        "--redact",
+        "--dedup",
+        "--jsonl",
+    ]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let manifest: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).expect("manifest")).expect("JSON");
+    assert_eq!(manifest["counts"]["written"], 2, "{manifest:#}");
+    assert_eq!(manifest["redactions"]["email"], 2);
+    let names: Vec<&str> =
+        manifest["drops"].as_array().expect("drops").iter().map(|d| d["transform"].as_str().expect("name")).collect();
+    assert_eq!(names, ["normalize", "redact", "exactDedup", "nearDedup"]);
+    assert_eq!(manifest["drops"][2]["dropped"], 1);
+}
