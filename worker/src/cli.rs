@@ -123,6 +123,27 @@ struct FinetuneArgs {
     /// Continue from the newest valid checkpoint.
     #[arg(long)]
     resume: bool,
+    /// Write a checkpoint every this many steps.
+    #[arg(long, value_name = "STEPS")]
+    checkpoint_interval: Option<u64>,
+    /// LoRA alpha (the update is scaled by alpha / rank).
+    #[arg(long)]
+    lora_alpha: Option<f64>,
+    /// LoRA target modules, comma-separated (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj).
+    #[arg(long, value_delimiter = ',')]
+    lora_targets: Vec<String>,
+    /// Longest example in tokens; longer ones are cut.
+    #[arg(long)]
+    max_seq_length: Option<u32>,
+    /// Steps of linear warmup.
+    #[arg(long)]
+    warmup_steps: Option<u64>,
+    /// Micro-batches per optimizer step.
+    #[arg(long)]
+    gradient_accumulation_steps: Option<u32>,
+    /// Also write the base model with the adapter merged in (OUT/merged).
+    #[arg(long)]
+    merge: bool,
 }
 
 #[derive(Args, Debug)]
@@ -290,9 +311,18 @@ fn build_finetune(args: &FinetuneArgs) -> Result<Assignment> {
     if f.method == "lora" && f.lora.is_none() {
         f.lora = Some(lora_from_spec(&LoraSpec::default()));
     }
-    if let (Some(rank), Some(lora)) = (args.lora_rank, f.lora.as_mut()) {
-        lora.rank = rank;
+    if let Some(lora) = f.lora.as_mut() {
+        if let Some(rank) = args.lora_rank {
+            lora.rank = rank;
+        }
+        if let Some(alpha) = args.lora_alpha {
+            lora.alpha = alpha;
+        }
+        if !args.lora_targets.is_empty() {
+            lora.target_modules = args.lora_targets.clone();
+        }
     }
+    f.merge |= args.merge;
     let h = f.hyperparameters.get_or_insert_with(|| hyperparameters_from_spec(&Hyperparameters::default()));
     if let Some(v) = args.max_steps {
         h.max_steps = v;
@@ -308,6 +338,15 @@ fn build_finetune(args: &FinetuneArgs) -> Result<Assignment> {
     }
     if let Some(v) = args.seed {
         h.seed = v;
+    }
+    if let Some(v) = args.max_seq_length {
+        h.max_seq_length = v;
+    }
+    if let Some(v) = args.warmup_steps {
+        h.warmup_steps = v;
+    }
+    if let Some(v) = args.gradient_accumulation_steps {
+        h.gradient_accumulation_steps = v;
     }
     let checkpoint_dir = args.checkpoints.clone().or_else(|| {
         let out = f.output.as_ref().map(|o| o.uri.trim_end_matches('/').to_string())?;
@@ -325,10 +364,11 @@ fn build_finetune(args: &FinetuneArgs) -> Result<Assignment> {
         });
         ck.uri = to_uri(&dir);
     }
-    if args.resume
-        && let Some(ck) = f.checkpoints.as_mut()
-    {
-        ck.resume = true;
+    if let Some(ck) = f.checkpoints.as_mut() {
+        ck.resume |= args.resume;
+        if let Some(n) = args.checkpoint_interval {
+            ck.interval_steps = n;
+        }
     }
     Ok(a)
 }
@@ -500,6 +540,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         }
         Some(Mode::Prepare(_)) => {
             llmops_worker::prepare::run(&assignment)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Some(Mode::Finetune(_)) => {
+            llmops_worker::finetune::run(&assignment)?;
             return Ok(ExitCode::SUCCESS);
         }
         _ => {}

@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod engine;
+pub mod finetune;
 pub mod prepare;
 pub mod serve;
 pub mod store;

@@ -68,6 +68,19 @@ impl Linear {
         Self { weight, dense: None, bias }
     }
 
+    /// The weight as a dense f32 tensor [out, in] (dequantized when stored quantized).
+    pub(crate) fn dense_weight(&self) -> Result<Tensor> {
+        Ok(match &self.weight {
+            QMatMul::QTensor(q) => q.dequantize(&q.device())?,
+            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.to_dtype(DType::F32)?,
+        })
+    }
+
+    /// The bias, if any.
+    pub(crate) fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
     /// Adds a dense copy of a quantized weight for multi-row inputs.
     pub(crate) fn with_dense(mut self) -> Result<Self> {
         if let QMatMul::QTensor(q) = &self.weight {

@@ -1,0 +1,280 @@
+//! `llmops-worker finetune` on a tiny randomly initialised Llama (seconds on a CPU) and
+//! on the real SmolLM2: loss goes down, seeds reproduce, a killed run resumes exactly,
+//! torn checkpoints are skipped, and a LoRA adapter teaches SmolLM2 a fact that
+//! `serve --adapter` then answers with.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+use serde_json::{Value, json};
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("llmops-finetune-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("creates scratch");
+    dir
+}
+
+/// An HF directory with a tiny Llama (2 layers, width 64) of random weights, SmolLM2's
+/// tokenizer and chat template.
+fn tiny_llama(dir: &Path) -> PathBuf {
+    let model_dir = dir.join("tiny");
+    std::fs::create_dir_all(&model_dir).expect("dir");
+    let smol = llmops_worker::engine::load(&common::test_model(), &Device::Cpu, Default::default()).expect("loads");
+    smol.tokenizer.save(&model_dir.join("tokenizer.json")).expect("tokenizer");
+    let template = smol.chat_template.clone().expect("template");
+    std::fs::write(
+        model_dir.join("tokenizer_config.json"),
+        json!({"chat_template": template, "add_bos_token": false}).to_string(),
+    )
+    .expect("writes");
+    let (hidden, inter, layers, heads, kv, head_dim, vocab) = (64, 128, 2, 4, 2, 16, 49152);
+    std::fs::write(
+        model_dir.join("config.json"),
+        json!({
+            "model_type": "llama", "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": head_dim, "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0, "max_position_embeddings": 512, "vocab_size": vocab, "tie_word_embeddings": true,
+            "bos_token_id": 1, "eos_token_id": 2
+        })
+        .to_string(),
+    )
+    .expect("writes");
+    // Seeded weights so every run of the test trains the same model.
+    let mut state = 7u64;
+    let mut randn = |shape: (usize, usize), std: f32| -> Tensor {
+        let values: Vec<f32> = (0..shape.0 * shape.1)
+            .map(|_| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * std * 1.7
+            })
+            .collect();
+        Tensor::from_vec(values, shape, &Device::Cpu).expect("tensor")
+    };
+    let mut t = HashMap::new();
+    // Embeddings large enough that the tied output head can express confident predictions.
+    t.insert("model.embed_tokens.weight".to_string(), randn((vocab, hidden), 0.5));
+    t.insert("model.norm.weight".to_string(), Tensor::ones(hidden, DType::F32, &Device::Cpu).expect("ones"));
+    for l in 0..layers {
+        let p = format!("model.layers.{l}");
+        for (name, shape) in [
+            ("self_attn.q_proj", (heads * head_dim, hidden)),
+            ("self_attn.k_proj", (kv * head_dim, hidden)),
+            ("self_attn.v_proj", (kv * head_dim, hidden)),
+            ("self_attn.o_proj", (hidden, heads * head_dim)),
+            ("mlp.gate_proj", (inter, hidden)),
+            ("mlp.up_proj", (inter, hidden)),
+            ("mlp.down_proj", (hidden, inter)),
+        ] {
+            t.insert(format!("{p}.{name}.weight"), randn(shape, 0.08));
+        }
+        for norm in ["input_layernorm", "post_attention_layernorm"] {
+            t.insert(format!("{p}.{norm}.weight"), Tensor::ones(hidden, DType::F32, &Device::Cpu).expect("ones"));
+        }
+    }
+    candle_core::safetensors::save(&t, model_dir.join("model.safetensors")).expect("saves");
+    model_dir
+}
+
+fn write_jsonl(path: &Path, rows: &[Value]) {
+    let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
+    std::fs::write(path, text).expect("writes");
+}
+
+fn facts(dir: &Path) -> PathBuf {
+    let path = dir.join("train.jsonl");
+    write_jsonl(
+        &path,
+        &[
+            json!({"prompt": "The colour of the sky is", "completion": " blue."}),
+            json!({"prompt": "Two plus two is", "completion": " four."}),
+            json!({"prompt": "The cat sat on the", "completion": " mat."}),
+            json!({"prompt": "Water freezes at zero", "completion": " degrees."}),
+        ],
+    );
+    path
+}
+
+fn worker() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_llmops-worker"))
+}
+
+/// Runs finetune with `args`; returns the manifest.
+fn finetune(out: &Path, args: &[&str]) -> Value {
+    let run = worker().arg("finetune").args(args).args(["--out", &out.display().to_string()]).output().expect("runs");
+    assert!(run.status.success(), "finetune failed: {}", String::from_utf8_lossy(&run.stderr));
+    serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).expect("manifest")).expect("JSON")
+}
+
+fn losses(manifest: &Value) -> Vec<f64> {
+    manifest["metrics"]["losses"].as_array().expect("losses").iter().map(|v| v.as_f64().expect("f64")).collect()
+}
+
+#[test]
+fn tiny_llama_learns_and_same_seed_gives_same_losses() {
+    let dir = scratch("learn");
+    let model = tiny_llama(&dir);
+    let data = facts(&dir);
+    let common = [
+        "--model",
+        model.to_str().expect("utf-8"),
+        "--data",
+        data.to_str().expect("utf-8"),
+        "--method",
+        "lora",
+        "--lora-rank",
+        "8",
+        "--epochs",
+        "100",
+        "--max-steps",
+        "30",
+        "--batch-size",
+        "4",
+        "--learning-rate",
+        "0.01",
+        "--seed",
+        "3",
+    ];
+    let a = finetune(&dir.join("a"), &common);
+    let b = finetune(&dir.join("b"), &common);
+    let (la, lb) = (losses(&a), losses(&b));
+    assert_eq!(la.len(), 30);
+    assert_eq!(la, lb, "the same seed gives the same losses");
+    assert!(la[29] < la[0] * 0.5, "loss went from {} to {}", la[0], la[29]);
+    // PEFT layout: names, shapes and config.
+    let adapter = candle_core::safetensors::load(dir.join("a/adapter_model.safetensors"), &Device::Cpu).expect("loads");
+    let a0 = &adapter["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"];
+    let b0 = &adapter["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"];
+    assert_eq!((a0.dims(), b0.dims()), (&[8, 64][..], &[64, 8][..]));
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("a/adapter_config.json")).expect("config"))
+            .expect("JSON");
+    assert_eq!((config["peft_type"].as_str(), config["r"].as_u64()), (Some("LORA"), Some(8)));
+    // A different seed trains differently.
+    let mut other = common.to_vec();
+    let at = other.iter().position(|a| *a == "3").expect("seed");
+    other[at] = "4";
+    assert_ne!(losses(&finetune(&dir.join("c"), &other)), la);
+}
+
+#[test]
+fn full_fine_tuning_learns_and_writes_a_loadable_model() {
+    let dir = scratch("full");
+    let model = tiny_llama(&dir);
+    let data = facts(&dir);
+    let m = finetune(
+        &dir.join("out"),
+        &[
+            "--model",
+            model.to_str().expect("utf-8"),
+            "--data",
+            data.to_str().expect("utf-8"),
+            "--method",
+            "full",
+            "--epochs",
+            "100",
+            "--max-steps",
+            "20",
+            "--batch-size",
+            "4",
+            "--learning-rate",
+            "0.003",
+        ],
+    );
+    let l = losses(&m);
+    assert!(l[19] < l[0] * 0.5, "loss went from {} to {}", l[0], l[19]);
+    let loaded =
+        llmops_worker::engine::load(&dir.join("out"), &Device::Cpu, Default::default()).expect("the output loads");
+    assert_eq!(loaded.model.config().num_layers, 2);
+}
+
+fn wait_for(path: &Path, child: &mut std::process::Child) {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !path.exists() {
+        assert!(child.try_wait().expect("polls").is_none(), "the run ended before {}", path.display());
+        assert!(Instant::now() < deadline, "no {} in time", path.display());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_killed_run_resumes_to_the_same_loss_and_skips_torn_checkpoints() {
+    let dir = scratch("resume");
+    let model = tiny_llama(&dir);
+    let data = facts(&dir);
+    let args = |ckpt: &Path| -> Vec<String> {
+        [
+            "--model",
+            model.to_str().expect("utf-8"),
+            "--data",
+            data.to_str().expect("utf-8"),
+            "--epochs",
+            "100",
+            "--max-steps",
+            "16",
+            "--batch-size",
+            "2",
+            "--learning-rate",
+            "0.01",
+            "--seed",
+            "5",
+            "--checkpoints",
+            ckpt.to_str().expect("utf-8"),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    // An uninterrupted run.
+    let whole = dir.join("whole");
+    let refs: Vec<String> = args(&dir.join("whole-ckpt"));
+    let reference = finetune(&whole, &refs.iter().map(String::as_str).collect::<Vec<_>>());
+
+    // The same run, killed once its step-8 checkpoint exists (checkpoints every 4 steps
+    // by the --checkpoints default below).
+    let ckpt = dir.join("ckpt");
+    let out = dir.join("resumed");
+    let mut child = worker()
+        .arg("finetune")
+        .args(args(&ckpt))
+        .args(["--checkpoint-interval", "4", "--out", &out.display().to_string()])
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starts");
+    wait_for(&ckpt.join("step-00000008"), &mut child);
+    child.kill().expect("kills");
+    child.wait().expect("waits");
+    assert!(!out.join("manifest.json").exists(), "the killed run did not finish");
+    // Tear the newest checkpoint, as a crash while copying would: resume must skip it.
+    let newest = std::fs::read_dir(&ckpt)
+        .expect("lists")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step-")))
+        .max()
+        .expect("a checkpoint");
+    std::fs::write(newest.join("trainable.safetensors"), b"torn").expect("tears");
+
+    let mut resumed_args = args(&ckpt);
+    resumed_args.extend(["--checkpoint-interval".into(), "4".into(), "--resume".into()]);
+    let run = worker()
+        .arg("finetune")
+        .args(&resumed_args)
+        .args(["--out", &out.display().to_string()])
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert!(stderr.contains("skipping a torn checkpoint"), "{stderr}");
+    assert!(stderr.contains("resuming"), "{stderr}");
+    let resumed: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).expect("manifest")).expect("JSON");
+    let (a, b) = (losses(&reference), losses(&resumed));
+    assert_eq!(a.len(), b.len());
+    let last = (a[a.len() - 1] - b[b.len() - 1]).abs();
+    assert!(last < 1e-5, "final loss {} resumed vs {} uninterrupted", b[b.len() - 1], a[a.len() - 1]);
+}
