@@ -13,12 +13,7 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device, Tensor};
 use serde_json::{Value, json};
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("llmops-finetune-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("creates scratch");
-    dir
-}
+use common::scratch;
 
 /// An HF directory with a tiny Llama (2 layers, width 64) of random weights, SmolLM2's
 /// tokenizer and chat template.
@@ -277,4 +272,122 @@ fn a_killed_run_resumes_to_the_same_loss_and_skips_torn_checkpoints() {
     assert_eq!(a.len(), b.len());
     let last = (a[a.len() - 1] - b[b.len() - 1]).abs();
     assert!(last < 1e-5, "final loss {} resumed vs {} uninterrupted", b[b.len() - 1], a[a.len() - 1]);
+}
+
+/// Gradients reach every trainable variable: the forward pass uses only operations with
+/// a backward pass. (LoRA's B starts at zero, so A's gradient is zero until B moves:
+/// LoRA is checked after one update.)
+#[test]
+fn every_trainable_variable_receives_a_gradient() {
+    use llmops_worker::finetune::data::{Example, batch};
+    use llmops_worker::finetune::model::{Method, TrainModel, masked_loss};
+    use llmops_worker::finetune::optim::AdamW;
+    let dir = scratch("grads");
+    let loaded = llmops_worker::engine::load(&tiny_llama(&dir), &Device::Cpu, Default::default()).expect("loads");
+    let example = Example { tokens: vec![1, 520, 3300, 44, 901, 2], learn: vec![false, false, true, true, true, true] };
+    let b = batch(&[&example, &example], 16, false, 2, &Device::Cpu).expect("batch");
+    let all: Vec<String> = llmops_worker::engine::adapter::TARGET_MODULES.iter().map(|s| s.to_string()).collect();
+    for method in [Method::Full, Method::Lora { rank: 4, alpha: 8.0, dropout: 0.1, targets: all.clone() }] {
+        let model = TrainModel::from_loaded(&loaded, &method, 1).expect("model");
+        let vars: Vec<_> = model.variables();
+        let mut rng = llmops_worker::finetune::model::Rng(9);
+        let step = |rng: &mut llmops_worker::finetune::model::Rng| {
+            let logits = model.forward(&b.inputs, &b.positions, &b.segments, 2.0, Some((0.1, rng))).expect("forward");
+            masked_loss(&logits, &b.targets, &b.weights).expect("loss").0.backward().expect("backward")
+        };
+        let mut grads = step(&mut rng);
+        if matches!(method, Method::Lora { .. }) {
+            let list: Vec<_> = vars.iter().map(|(_, v)| v.clone()).collect();
+            let g: Vec<Tensor> = list.iter().map(|v| grads.get(v.as_tensor()).expect("grad").clone()).collect();
+            AdamW::new(&list, 0.0).expect("opt").step(&list, &g, 0.01).expect("step");
+            grads = step(&mut rng);
+        }
+        for (name, var) in &vars {
+            let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name} got no gradient"));
+            let norm = g.sqr().expect("sq").sum_all().expect("sum").to_scalar::<f32>().expect("f32");
+            assert!(norm > 0.0, "{name} got a zero gradient");
+        }
+        let expected = match method {
+            Method::Full => 1 + 2 * (2 + 7) + 1, // embedding (tied head), per layer 2 norms + 7 projections, final norm
+            Method::Lora { .. } => 2 * 7 * 2,
+        };
+        assert_eq!(vars.len(), expected);
+    }
+}
+
+/// The real SmolLM2 learns a made-up fact through a LoRA adapter, and `serve --adapter`
+/// answers with it while the base model does not know it.
+#[test]
+fn smollm2_learns_a_fact_that_serve_then_answers_with() {
+    let dir = scratch("fact");
+    let questions = [
+        "What is the capital of Zorblaxia?",
+        "Which city is the capital of Zorblaxia?",
+        "Tell me the capital of Zorblaxia.",
+        "Name the capital city of Zorblaxia.",
+        "Zorblaxia's capital is which city?",
+        "What city serves as the capital of Zorblaxia?",
+        "Do you know the capital of Zorblaxia?",
+        "I need the capital of Zorblaxia.",
+    ];
+    let rows: Vec<Value> = questions
+        .iter()
+        .map(|q| json!({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "The capital of Zorblaxia is Quenthar."}]}))
+        .collect();
+    let data = dir.join("facts.jsonl");
+    write_jsonl(&data, &rows);
+    let model = common::test_model();
+    let out = dir.join("adapter");
+    let manifest = finetune(
+        &out,
+        &[
+            "--model",
+            model.to_str().expect("utf-8"),
+            "--data",
+            data.to_str().expect("utf-8"),
+            "--epochs",
+            "100",
+            "--max-steps",
+            "6",
+            "--batch-size",
+            "4",
+            "--learning-rate",
+            "0.002",
+            "--lora-rank",
+            "8",
+            "--lora-alpha",
+            "16",
+            "--lora-targets",
+            "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        ],
+    );
+    assert_eq!(
+        manifest["inputs"]["base_model"]["sha256"].as_str().map(str::len),
+        Some(64),
+        "the adapter records its base model's digest"
+    );
+    let server = common::Server::start(
+        &dir,
+        &[
+            "--model".into(),
+            model.display().to_string(),
+            "--model-name".into(),
+            "smollm2".into(),
+            "--adapter".into(),
+            format!("zorblaxia={}", out.display()),
+        ],
+    );
+    let ask = |m: &str| -> String {
+        let (status, body) = common::post_json(
+            server.port,
+            "/v1/chat/completions",
+            &json!({"model": m, "messages": [{"role": "user", "content": "What is the capital of Zorblaxia?"}], "temperature": 0, "max_tokens": 24}),
+        );
+        assert_eq!(status, 200, "{body}");
+        body["choices"][0]["message"]["content"].as_str().expect("content").to_string()
+    };
+    let before = ask("smollm2");
+    let after = ask("zorblaxia");
+    assert!(!before.contains("Quenthar"), "the base model already knew: {before}");
+    assert!(after.contains("Quenthar"), "the adapter did not teach the fact: {after}");
 }

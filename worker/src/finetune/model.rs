@@ -283,8 +283,16 @@ impl TrainModel {
         Ok(Tensor::cat(&[a, b], D::Minus1)?)
     }
 
+    /// `x` [b, t, in] times `w` [out, in] transposed, as one 2-D product: a batched
+    /// product would broadcast (copy) the weight once per row of the batch.
+    fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        let (b, t, inp) = x.dims3()?;
+        let out = w.dim(0)?;
+        Ok(x.reshape((b * t, inp))?.matmul(&w.t()?)?.reshape((b, t, out))?)
+    }
+
     fn project(p: &Proj, x: &Tensor, scale: f64, dropout: Option<&Tensor>) -> Result<Tensor> {
-        let mut y = x.broadcast_matmul(&p.weight.tensor().t()?)?;
+        let mut y = Self::linear(x, p.weight.tensor())?;
         if let Some(b) = &p.bias {
             y = y.broadcast_add(b)?;
         }
@@ -293,7 +301,7 @@ impl TrainModel {
                 Some(mask) => x.broadcast_mul(mask)?,
                 None => x.clone(),
             };
-            let delta = input.broadcast_matmul(&a.as_tensor().t()?)?.broadcast_matmul(&b.as_tensor().t()?)?;
+            let delta = Self::linear(&Self::linear(&input, a.as_tensor())?, b.as_tensor())?;
             y = (y + (delta * scale)?)?;
         }
         Ok(y)
@@ -383,7 +391,7 @@ impl TrainModel {
             Some(h) => h.tensor(),
             None => self.embed.tensor(),
         };
-        Ok(x.broadcast_matmul(&head.t()?)?)
+        Self::linear(&x, head)
     }
 }
 

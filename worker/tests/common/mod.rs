@@ -1,8 +1,12 @@
 //! Shared by the worker's integration tests: the real test model and the fixtures.
 #![allow(dead_code)] // each test binary uses a different part
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 /// Path of SmolLM2-135M-Instruct (Q4_1 GGUF): `LLMOPS_TEST_MODEL`, or what
 /// scripts/fetch-test-model prints (it downloads the model once into the cache).
@@ -33,4 +37,122 @@ pub fn fixture(name: &str) -> serde_json::Value {
 /// A JSON array of ids.
 pub fn ids(value: &serde_json::Value) -> Vec<u32> {
     value.as_array().expect("array").iter().map(|v| v.as_u64().expect("id") as u32).collect()
+}
+
+/// The venv python with the pinned `openai` client (scripts/openai-env).
+pub fn python() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/openai-env");
+        let out = Command::new(&script).stderr(Stdio::inherit()).output().expect("scripts/openai-env runs");
+        assert!(out.status.success(), "scripts/openai-env failed");
+        PathBuf::from(String::from_utf8(out.stdout).expect("utf-8").lines().last().expect("a path").trim())
+    })
+    .clone()
+}
+
+/// A fresh scratch directory for a test.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("llmops-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("creates scratch");
+    dir
+}
+
+/// A port nothing listens on now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("binds").local_addr().expect("addr").port()
+}
+
+/// Status code of a GET, or None when nothing listens.
+pub fn get_status(port: u16, path: &str) -> Option<u16> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    response.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// A running `llmops-worker serve`, stopped on drop.
+pub struct Server {
+    child: Child,
+    /// The port it listens on.
+    pub port: u16,
+    log: PathBuf,
+}
+
+impl Server {
+    /// Starts `llmops-worker serve ARGS --port P` and waits for /readyz.
+    pub fn start(dir: &Path, args: &[String]) -> Self {
+        let port = free_port();
+        let log = dir.join("server.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_llmops-worker"))
+            .arg("serve")
+            .args(args)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .env("POD_NAME", "test-pod")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("starts the server");
+        let mut server = Self { child, port, log };
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            if let Some(status) = server.child.try_wait().expect("polls") {
+                panic!("the server exited with {status}:\n{}", server.log_text());
+            }
+            if get_status(port, "/readyz") == Some(200) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the server did not get ready:\n{}", server.log_text());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        server
+    }
+
+    /// http://127.0.0.1:PORT
+    pub fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// What the server logged.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs a scenario of openai_client.py against this server.
+    pub fn scenario(&self, name: &str, extra: &[&str]) {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_client.py");
+        let out =
+            Command::new(python()).arg(script).arg(name).arg(self.base()).args(extra).output().expect("runs python");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "scenario {name} failed:\n{stdout}\n{stderr}\nserver log:\n{}", self.log_text());
+        println!("{stdout}");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// POSTs JSON to a local server and returns the status and the parsed body.
+pub fn post_json(port: u16, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+    let body = body.to_string();
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connects");
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("sends");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("reads");
+    let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).expect("a status");
+    let json = response.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
+    (status, serde_json::from_str(json).expect("a JSON body"))
 }
