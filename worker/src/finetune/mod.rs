@@ -116,6 +116,12 @@ pub struct Metrics {
     pub steps: u64,
     /// Training loss of each step.
     pub losses: Vec<f64>,
+    /// Wall seconds of each step.
+    #[serde(default)]
+    pub step_seconds: Vec<f64>,
+    /// Input tokens (padding included) of each step.
+    #[serde(default)]
+    pub step_tokens: Vec<u64>,
     /// Last validation loss.
     pub validation_loss: Option<f64>,
     /// Best validation loss.
@@ -313,6 +319,8 @@ pub fn train(opts: &TrainOptions, assignment: &Assignment, report: &mut dyn FnMu
     let mut metrics = Metrics {
         steps: 0,
         losses: Vec::new(),
+        step_seconds: Vec::new(),
+        step_tokens: Vec::new(),
         validation_loss: None,
         best_validation_loss: None,
         bad_evaluations: 0,
@@ -339,6 +347,8 @@ pub fn train(opts: &TrainOptions, assignment: &Assignment, report: &mut dyn FnMu
         if metrics.stopped_early {
             break;
         }
+        let step_started = Instant::now();
+        let tokens_before = tokens_seen;
         let epoch = step / steps_per_epoch;
         let within = (step % steps_per_epoch) as usize;
         let order = permutation(train_set.len(), opts.seed, epoch);
@@ -389,6 +399,8 @@ pub fn train(opts: &TrainOptions, assignment: &Assignment, report: &mut dyn FnMu
         optimizer.step(&vars, &grads, lr)?;
         let loss = loss_sum / counted.max(1.0);
         metrics.losses.push(loss);
+        metrics.step_seconds.push(step_started.elapsed().as_secs_f64());
+        metrics.step_tokens.push((tokens_seen - tokens_before) as u64);
         metrics.steps = step + 1;
         let mut validation_loss = None;
         let last = step + 1 == total;
@@ -645,6 +657,8 @@ fn write_output(
             "bestValidationLoss": metrics.best_validation_loss,
             "stoppedEarly": metrics.stopped_early,
             "losses": metrics.losses,
+            "stepSeconds": metrics.step_seconds,
+            "stepTokens": metrics.step_tokens,
         },
     });
     let tmp = out.join(".manifest.json.tmp");
