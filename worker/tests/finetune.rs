@@ -391,3 +391,51 @@ fn smollm2_learns_a_fact_that_serve_then_answers_with() {
     assert!(!before.contains("Quenthar"), "the base model already knew: {before}");
     assert!(after.contains("Quenthar"), "the adapter did not teach the fact: {after}");
 }
+
+/// Validation every two steps with a patience of one evaluation and an improvement
+/// nobody can make: the run stops at the second evaluation. The merged model equals the
+/// base model with its adapter.
+#[test]
+fn validation_early_stopping_and_merged_output() {
+    let dir = scratch("stop");
+    let model = tiny_llama(&dir);
+    let data = facts(&dir);
+    let out = dir.join("out");
+    let assignment = format!(
+        r#"workload: {{namespace: t, kind: FineTuneJob, name: stop, uid: 3a2b1c0d-9e8f-4a7b-8c6d-5e4f3a2b1c0d}}
+finetune:
+  baseModel: {{weights: {{uri: "file://{model}"}}, format: hf}}
+  train: {{uri: "file://{data}"}}
+  validation: {{uri: "file://{data}"}}
+  method: lora
+  lora: {{rank: 4, alpha: 8, targetModules: [q_proj, v_proj, down_proj]}}
+  hyperparameters: {{epochs: 100, maxSteps: "20", batchSize: 2, gradientAccumulationSteps: 1, learningRate: 0.01, lrSchedule: constant, maxSeqLength: 64, evalInterval: "2", seed: "1"}}
+  earlyStopping: {{patience: 1, minDelta: 100}}
+  merge: true
+  output: {{uri: "file://{out}"}}
+"#,
+        model = model.display(),
+        data = data.display(),
+        out = out.display()
+    );
+    let file = dir.join("a.yaml");
+    std::fs::write(&file, assignment).expect("writes");
+    let run = worker().args(["finetune", "--assignment", &file.display().to_string()]).output().expect("runs");
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let manifest: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).expect("manifest")).expect("JSON");
+    assert_eq!(manifest["metrics"]["steps"], 4, "{manifest:#}");
+    assert_eq!(manifest["metrics"]["stoppedEarly"], true);
+    assert!(manifest["metrics"]["validationLoss"].as_f64().is_some());
+
+    let base = llmops_worker::engine::load(&model, &Device::Cpu, Default::default()).expect("base");
+    let adapter = llmops_worker::engine::Adapter::load(&out, &base.model, None).expect("adapter");
+    let merged = llmops_worker::engine::load(&out.join("merged"), &Device::Cpu, Default::default()).expect("merged");
+    let tokens = [1u32, 520, 3300, 44, 901];
+    let mut c1 = llmops_worker::engine::model::KvCache::default();
+    let mut c2 = llmops_worker::engine::model::KvCache::default();
+    let a = base.model.forward_with(&tokens, &mut c1, true, Some(&adapter)).expect("adapted");
+    let b = merged.model.forward(&tokens, &mut c2, true).expect("merged");
+    let diff = (a - b).expect("sub").abs().expect("abs").max_all().expect("max").to_scalar::<f32>().expect("f32");
+    assert!(diff < 1e-3, "merged and adapted logits differ by {diff}");
+}
