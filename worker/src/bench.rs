@@ -40,6 +40,14 @@ pub struct BenchArgs {
     /// comparison is skipped without it.
     #[arg(long, value_name = "PYTHON")]
     llamacpp_python: Option<PathBuf>,
+    /// Instead of timing: print the logits of the last position of this text (tokenized
+    /// without special tokens, dense f32 weights) as JSON, for comparing with other
+    /// implementations (benches/finetune/interop-check).
+    #[arg(long, value_name = "TEXT")]
+    logits: Option<String>,
+    /// A LoRA adapter to apply for --logits.
+    #[arg(long, value_name = "DIR", requires = "logits")]
+    adapter: Option<PathBuf>,
 }
 
 impl BenchArgs {
@@ -66,8 +74,26 @@ fn median(mut values: Vec<f64>) -> f64 {
     values[values.len() / 2]
 }
 
+/// Prints `{"tokens": [...], "logits_last": [...]}` of `text`, with the adapter if any.
+fn print_logits(args: &BenchArgs, text: &str) -> Result<()> {
+    let loaded = load(&args.model, &crate::engine::device(), WeightFormat::Dense)?;
+    let tokens = loaded.tokenizer.encode(text, false)?;
+    let adapter = match &args.adapter {
+        Some(dir) => Some(crate::engine::Adapter::load(dir, &loaded.model, None)?),
+        None => None,
+    };
+    let mut cache = KvCache::default();
+    let logits = loaded.model.forward_with(&tokens, &mut cache, false, adapter.as_ref())?;
+    let last: Vec<f32> = logits.get(0)?.to_dtype(candle_core::DType::F32)?.to_vec1()?;
+    println!("{}", serde_json::json!({"tokens": tokens, "logits_last": last}));
+    Ok(())
+}
+
 /// Runs the benchmark and prints the table.
 pub fn run(args: &BenchArgs) -> Result<()> {
+    if let Some(text) = &args.logits {
+        return print_logits(args, text);
+    }
     if args.runs == 0 || args.prompt_tokens == 0 || args.gen_tokens == 0 {
         bail!("--runs, --prompt-tokens and --gen-tokens must be at least 1");
     }

@@ -113,10 +113,10 @@ fn missing_file_and_bad_yaml_are_clear_errors() {
 
 #[test]
 fn valid_assignment_without_check_says_the_mode_is_unavailable() {
-    let out = worker(&["finetune", "--assignment", &example("finetune.yaml")]);
+    let out = worker(&["eval", "--assignment", &example("eval.yaml")]);
     let (_, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(69), "{stderr}");
-    assert!(stderr.contains("cannot run the finetune mode yet"), "{stderr}");
+    assert!(stderr.contains("cannot run the eval mode yet"), "{stderr}");
 }
 
 #[test]
