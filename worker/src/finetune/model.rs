@@ -500,8 +500,10 @@ impl CustomOp1 for CrossEntropy {
                 candle_core::bail!("cross-entropy: logits are not in CPU memory")
             };
             let (data, _) = Self::rows(cpu, layout)?;
-            out.par_chunks_mut(v).zip(data.par_chunks(v)).zip(self.targets.par_iter().zip(self.weights.par_iter())).for_each(
-                |((o, row), (&t, &w))| {
+            out.par_chunks_mut(v)
+                .zip(data.par_chunks(v))
+                .zip(self.targets.par_iter().zip(self.weights.par_iter()))
+                .for_each(|((o, row), (&t, &w))| {
                     if w == 0.0 {
                         return;
                     }
@@ -511,8 +513,7 @@ impl CustomOp1 for CrossEntropy {
                         *o = (x - lse).exp() * scale;
                     }
                     o[t as usize] -= scale;
-                },
-            );
+                });
         }
         Ok(Some(Tensor::from_vec(out, (n, v), arg.device())?))
     }
@@ -552,9 +553,11 @@ mod tests {
         let weights = Tensor::new(&[[1f32, 0.0, 1.0], [1.0, 1.0, 0.0]], &device).expect("weights");
         let (fused, n) = masked_loss(logits.as_tensor(), &targets, &weights).expect("fused");
         assert_eq!(n, 4.0);
-        let log_probs = candle_nn::ops::log_softmax(&logits.as_tensor().reshape((6, 7)).expect("r"), D::Minus1).expect("ls");
+        let log_probs =
+            candle_nn::ops::log_softmax(&logits.as_tensor().reshape((6, 7)).expect("r"), D::Minus1).expect("ls");
         let picked = log_probs.gather(&targets.reshape((6, 1)).expect("r"), 1).expect("g").reshape(6).expect("r");
-        let composed = ((picked * weights.reshape(6).expect("r")).expect("m").sum_all().expect("s").neg().expect("n") / 4.0)
+        let composed = ((picked * weights.reshape(6).expect("r")).expect("m").sum_all().expect("s").neg().expect("n")
+            / 4.0)
             .expect("d");
         let (a, b) = (fused.to_scalar::<f32>().expect("f"), composed.to_scalar::<f32>().expect("f"));
         assert!((a - b).abs() < 1e-5, "{a} vs {b}");

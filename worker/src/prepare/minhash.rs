@@ -18,12 +18,41 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// 64-bit FNV-1a of bytes, then mixed: the hash of one word.
-fn word_hash(word: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in word.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01B3);
+/// Hashes of the lower-cased words of `text` (64-bit FNV-1a, mixed), without building
+/// the lower-cased text: ASCII letters are folded byte by byte, other characters through
+/// their Unicode lower case.
+pub fn word_hashes(text: &str) -> Vec<u64> {
+    let mut out = Vec::with_capacity(text.len() / 5);
+    let mut buf = [0u8; 64];
+    for word in text.split_whitespace() {
+        let bytes = word.as_bytes();
+        if bytes.len() <= buf.len() && word.is_ascii() {
+            for (d, s) in buf.iter_mut().zip(bytes) {
+                *d = s.to_ascii_lowercase();
+            }
+            out.push(hash_bytes(&buf[..bytes.len()]));
+        } else {
+            let lower = word.to_lowercase();
+            out.push(hash_bytes(lower.as_bytes()));
+        }
+    }
+    out
+}
+
+/// A 64-bit hash of bytes, eight at a time.
+fn hash_bytes(bytes: &[u8]) -> u64 {
+    let mut h = 0x9E37_79B9_7F4A_7C15u64 ^ bytes.len() as u64;
+    let mut chunks = bytes.chunks_exact(8);
+    for c in &mut chunks {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(c);
+        h = (h ^ u64::from_le_bytes(word)).wrapping_mul(0xA076_1D64_78BD_642F).rotate_left(31);
+    }
+    let rest = chunks.remainder();
+    if !rest.is_empty() {
+        let mut word = [0u8; 8];
+        word[..rest.len()].copy_from_slice(rest);
+        h = (h ^ u64::from_le_bytes(word)).wrapping_mul(0xE703_7ED1_A0B4_28DB).rotate_left(31);
     }
     mix(h)
 }
@@ -35,7 +64,9 @@ fn permute(a: u64, x: u64, b: u64) -> u64 {
     let v = a * x;
     let v = (v & MERSENNE) + (v >> 61) + b;
     let v = (v & MERSENNE) + (v >> 61);
-    if v >= MERSENNE { v - MERSENNE } else { v }
+    // Branch-free `if v >= p { v - p }` (below p the subtraction wraps to a larger value),
+    // so the loop over permutations vectorises.
+    v.min(v.wrapping_sub(MERSENNE))
 }
 
 /// Computes MinHash signatures with fixed random permutations `(a x + b) mod p`.
@@ -65,10 +96,15 @@ impl MinHasher {
         self.a.len()
     }
 
-    /// The signature of `text` (already normalised): for each permutation, the least
-    /// permuted 32-bit shingle hash. A text shorter than a shingle is one shingle.
+    /// The signature of `text` (compared case-insensitively, by words): for each
+    /// permutation, the least permuted 32-bit shingle hash. A text shorter than a
+    /// shingle is one shingle.
     pub fn signature(&self, text: &str) -> Vec<u32> {
-        let words: Vec<u64> = text.split_whitespace().map(word_hash).collect();
+        self.signature_of_words(&word_hashes(text))
+    }
+
+    /// The signature of a text given as [`word_hashes`].
+    pub fn signature_of_words(&self, words: &[u64]) -> Vec<u32> {
         let mut signature = vec![u32::MAX; self.a.len()];
         if words.is_empty() {
             return signature;
@@ -118,19 +154,40 @@ pub fn optimal_bands(threshold: f64, permutations: usize) -> (usize, usize) {
     best
 }
 
+/// A hasher for keys that are already uniformly distributed hashes: it passes them on.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PassThrough(u64);
+
+impl std::hash::Hasher for PassThrough {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+/// A map from already-hashed keys.
+pub type HashedMap<V> = HashMap<u64, V, std::hash::BuildHasherDefault<PassThrough>>;
+
 /// An LSH index: each band of a signature hashed into its own table, mapping to the
 /// first record (by index) that had that band.
 #[derive(Debug)]
 pub struct LshIndex {
     rows: usize,
-    tables: Vec<HashMap<u64, u32>>,
+    tables: Vec<HashedMap<u32>>,
 }
 
 impl LshIndex {
     /// An empty index for signatures of `permutations` values at `threshold`.
     pub fn new(threshold: f64, permutations: usize) -> Self {
         let (bands, rows) = optimal_bands(threshold, permutations);
-        Self { rows, tables: (0..bands).map(|_| HashMap::new()).collect() }
+        Self { rows, tables: (0..bands).map(|_| HashedMap::default()).collect() }
     }
 
     /// Bands and rows per band.
@@ -138,20 +195,30 @@ impl LshIndex {
         (self.tables.len(), self.rows)
     }
 
-    fn band_hashes<'a>(&'a self, signature: &'a [u32]) -> impl Iterator<Item = u64> + 'a {
+    /// The hash of each band of `signature`: pure, so it can run in parallel ahead of the
+    /// (sequential) lookups. Each band's hash starts from its index, so equal bands at
+    /// different positions do not collide.
+    pub fn band_hashes(&self, signature: &[u32]) -> Vec<u64> {
         signature
             .chunks_exact(self.rows)
             .take(self.tables.len())
-            .map(|band| band.iter().fold(0x2545_F491_4F6C_DD1Du64, |h, &v| mix(h ^ u64::from(v))))
+            .enumerate()
+            .map(|(i, band)| band.iter().fold(mix(i as u64), |h, &v| mix(h ^ u64::from(v))))
+            .collect()
     }
 
     /// The earliest indexed record sharing a band with `signature`, if any; otherwise
     /// `id` is indexed under its bands and None is returned.
     pub fn find_or_insert(&mut self, signature: &[u32], id: u32) -> Option<u32> {
-        let hashes: Vec<u64> = self.band_hashes(signature).collect();
+        let hashes = self.band_hashes(signature);
+        self.find_or_insert_bands(&hashes, id)
+    }
+
+    /// [`Self::find_or_insert`] with the band hashes computed already.
+    pub fn find_or_insert_bands(&mut self, hashes: &[u64], id: u32) -> Option<u32> {
         let found = hashes.iter().zip(&self.tables).filter_map(|(h, t)| t.get(h).copied()).min();
         if found.is_none() {
-            for (h, table) in hashes.into_iter().zip(self.tables.iter_mut()) {
+            for (&h, table) in hashes.iter().zip(self.tables.iter_mut()) {
                 table.insert(h, id);
             }
         }

@@ -113,14 +113,22 @@ fn steps(p: &PrepareAssignment) -> Result<Vec<Step>> {
     Ok(steps)
 }
 
-/// Text as MinHash sees it: lower-cased words.
-fn shingle_text(content: &str) -> String {
-    content.to_lowercase()
-}
-
-/// A record on its way through the transforms.
+/// A record on its way through the transforms, with the hashes of its lower-cased words
+/// once a deduplication step computed them (until a transform changes the text).
 struct Item {
     record: Option<Record>,
+    words: Option<Vec<u64>>,
+}
+
+impl Item {
+    /// The record's word hashes, computed once.
+    fn words(&mut self) -> Option<&[u64]> {
+        let record = self.record.as_ref()?;
+        if self.words.is_none() {
+            self.words = Some(minhash::word_hashes(&record.content()));
+        }
+        self.words.as_deref()
+    }
 }
 
 /// Token statistics.
@@ -333,18 +341,35 @@ fn run_into(
     let mut clusters =
         (!has_near).then(|| (MinHasher::new(5, 128, seed), LshIndex::new(0.5, 128), HashMap::<u32, u128>::new(), 0u32));
     let mut progress = Progress::new();
-    let mut rows = rows.peekable();
-    while rows.peek().is_some() {
-        let chunk: Vec<Row> = rows.by_ref().take(CHUNK).collect();
+    // Reading and parsing run on a thread of their own, a couple of chunks ahead of the
+    // transforms; the bounded channel keeps memory to those chunks.
+    let mapping = p.mapping.clone();
+    let (chunk_tx, chunk_rx) = std::sync::mpsc::sync_channel::<Vec<(Arc<str>, u64, Result<Record, String>)>>(2);
+    let reader = std::thread::Builder::new().name("prepare-read".into()).spawn(move || {
+        let mut rows = rows;
+        loop {
+            let chunk: Vec<_> = rows
+                .by_ref()
+                .take(CHUNK)
+                .map(|row| {
+                    (row.origin, row.line, row.value.and_then(|v| record::from_row(&v, schema, mapping.as_ref())))
+                })
+                .collect();
+            if chunk.is_empty() || chunk_tx.send(chunk).is_err() {
+                break;
+            }
+        }
+    })?;
+    for chunk in chunk_rx {
         counts.read += chunk.len() as u64;
         let mut items: Vec<Item> = Vec::with_capacity(chunk.len());
-        for row in chunk {
-            match row.value.and_then(|v| record::from_row(&v, schema, p.mapping.as_ref())) {
-                Ok(record) => items.push(Item { record: Some(record) }),
+        for (origin, line, parsed) in chunk {
+            match parsed {
+                Ok(record) => items.push(Item { record: Some(record), words: None }),
                 Err(error) => {
                     counts.invalid += 1;
                     if counts.invalid_rows.len() < REPORTED_INVALID {
-                        counts.invalid_rows.push(json!({"origin": &*row.origin, "line": row.line, "error": error}));
+                        counts.invalid_rows.push(json!({"origin": &*origin, "line": line, "error": error}));
                     }
                 }
             }
@@ -356,23 +381,27 @@ fn run_into(
             counts.drops[i] += (before - after) as u64;
         }
         // Split and write, in input order.
-        let kept: Vec<Record> = items.into_iter().filter_map(|it| it.record).collect();
-        let keys: Vec<(u128, Option<Vec<u32>>, Option<u64>)> = kept
+        items.par_iter_mut().for_each(|it| {
+            it.words();
+        });
+        let kept: Vec<(Record, Vec<u64>)> =
+            items.into_iter().filter_map(|it| Some((it.record?, it.words.unwrap_or_default()))).collect();
+        let keys: Vec<(u128, Option<Vec<u64>>, Option<u64>)> = kept
             .par_iter()
-            .map(|r| {
-                let content = r.content();
-                let key = exact_key(&content, false);
-                let signature = clusters.as_ref().map(|(h, ..)| h.signature(&shingle_text(&content)));
-                let n = tokenizer.map(|t| t.encode(&content, false).map(|ids| ids.len() as u64).unwrap_or(0));
+            .map(|(r, words)| {
+                let key = transform::key_of_words(words);
+                let signature = clusters.as_ref().map(|(h, index, ..)| index.band_hashes(&h.signature_of_words(words)));
+                let n = tokenizer.map(|t| t.encode(&r.content(), false).map(|ids| ids.len() as u64).unwrap_or(0));
                 (key, signature, n)
             })
             .collect();
+        let kept = kept.into_iter().map(|(r, _)| r);
         for (record, (key, signature, n)) in kept.into_iter().zip(keys) {
             let cluster = match (&mut clusters, signature) {
                 (Some((_, index, reps, next)), Some(sig)) => {
                     let id = *next;
                     *next += 1;
-                    match index.find_or_insert(&sig, id) {
+                    match index.find_or_insert_bands(&sig, id) {
                         Some(rep) => reps.get(&rep).copied().unwrap_or(key),
                         None => {
                             reps.insert(id, key);
@@ -391,6 +420,7 @@ fn run_into(
         }
         progress.update(counts.read, counts.splits.iter().sum(), false);
     }
+    reader.join().map_err(|_| anyhow::anyhow!("the reading thread panicked"))?;
     progress.update(counts.read, counts.splits.iter().sum(), true);
     if counts.read > 0 && counts.invalid == counts.read {
         let first = counts.invalid_rows.first().cloned().unwrap_or_default();
@@ -483,7 +513,12 @@ fn apply(
     redactions: &mut BTreeMap<String, u64>,
 ) -> Result<()> {
     match step {
-        Step::Normalize(n) => items.par_iter_mut().filter_map(|it| it.record.as_mut()).for_each(|r| n.apply(r)),
+        Step::Normalize(n) => items.par_iter_mut().for_each(|it| {
+            if let Some(r) = it.record.as_mut() {
+                n.apply(r);
+                it.words = None;
+            }
+        }),
         Step::Filter(f) => {
             let keep: Vec<bool> = items
                 .par_iter()
@@ -498,11 +533,14 @@ fn apply(
         Step::Redact(r) => {
             let found: Vec<BTreeMap<String, u64>> = items
                 .par_iter_mut()
-                .filter_map(|it| it.record.as_mut())
-                .map(|rec| {
+                .filter_map(|it| {
+                    let rec = it.record.as_mut()?;
                     let mut counts = BTreeMap::new();
                     r.apply(rec, &mut counts);
-                    counts
+                    if !counts.is_empty() {
+                        it.words = None;
+                    }
+                    Some(counts)
                 })
                 .collect();
             for counts in found {
@@ -513,8 +551,16 @@ fn apply(
         }
         Step::Exact { case_sensitive, seen } => {
             let cs = *case_sensitive;
-            let keys: Vec<Option<u128>> =
-                items.par_iter().map(|it| it.record.as_ref().map(|r| exact_key(&r.content(), cs))).collect();
+            let keys: Vec<Option<u128>> = items
+                .par_iter_mut()
+                .map(|it| {
+                    if cs {
+                        it.record.as_ref().map(|r| exact_key(&r.content(), true))
+                    } else {
+                        it.words().map(transform::key_of_words)
+                    }
+                })
+                .collect();
             for (it, key) in items.iter_mut().zip(keys) {
                 if let Some(key) = key
                     && !seen.insert(key)
@@ -524,15 +570,15 @@ fn apply(
             }
         }
         Step::Near { hasher, index, next_id } => {
-            let signatures: Vec<Option<Vec<u32>>> = items
-                .par_iter()
-                .map(|it| it.record.as_ref().map(|r| hasher.signature(&shingle_text(&r.content()))))
+            let bands: Vec<Option<Vec<u64>>> = items
+                .par_iter_mut()
+                .map(|it| it.words().map(|w| index.band_hashes(&hasher.signature_of_words(w))))
                 .collect();
-            for (it, signature) in items.iter_mut().zip(signatures) {
-                if let Some(signature) = signature {
+            for (it, bands) in items.iter_mut().zip(bands) {
+                if let Some(bands) = bands {
                     let id = *next_id;
                     *next_id += 1;
-                    if index.find_or_insert(&signature, id).is_some() {
+                    if index.find_or_insert_bands(&bands, id).is_some() {
                         it.record = None;
                     }
                 }

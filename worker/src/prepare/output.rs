@@ -113,7 +113,7 @@ impl SplitWriter {
         let parquet_tmp = staging.join(format!("{split}.parquet"));
         let file = File::create(&parquet_tmp).with_context(|| format!("creating {}", parquet_tmp.display()))?;
         let props = WriterProperties::builder()
-            .set_compression(Compression::ZSTD(ZstdLevel::try_new(3)?))
+            .set_compression(Compression::ZSTD(ZstdLevel::try_new(1)?))
             .set_max_row_group_row_count(Some(ROW_GROUP))
             .build();
         let parquet = ArrowWriter::try_new(file, arrow_schema(schema), Some(props))?;

@@ -63,11 +63,13 @@ impl Record {
 
     /// All of the record's text in one string (contents joined by newlines): what
     /// filters, deduplication and token counts look at.
-    pub fn content(&self) -> String {
+    pub fn content(&self) -> std::borrow::Cow<'_, str> {
         match self {
-            Record::Chat { messages } => messages.iter().map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n"),
-            Record::Completion { prompt, completion } => format!("{prompt}\n{completion}"),
-            Record::Text { text } => text.clone(),
+            Record::Chat { messages } => {
+                messages.iter().map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n").into()
+            }
+            Record::Completion { prompt, completion } => format!("{prompt}\n{completion}").into(),
+            Record::Text { text } => text.as_str().into(),
         }
     }
 }

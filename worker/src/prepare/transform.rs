@@ -337,25 +337,35 @@ impl Redact {
     }
 }
 
-/// The exact-duplicate key of a record's content: 128 bits of its hash after
-/// lower-casing (unless case matters) and collapsing whitespace.
+/// The exact-duplicate key of a record's content: 128 bits over its words, lower-cased
+/// unless case matters, so spacing and (by default) case do not count.
 pub fn exact_key(content: &str, case_sensitive: bool) -> u128 {
-    use sha2::{Digest, Sha256};
-    let mut hasher = Sha256::new();
-    for (i, word) in content.split_whitespace().enumerate() {
-        if i > 0 {
-            hasher.update(b" ");
-        }
-        if case_sensitive {
-            hasher.update(word.as_bytes());
-        } else {
-            hasher.update(word.to_lowercase().as_bytes());
-        }
+    let words = if case_sensitive {
+        content
+            .split_whitespace()
+            .map(|w| super::minhash::word_hashes(w).first().copied().unwrap_or(0) ^ case_mark(w))
+            .collect()
+    } else {
+        super::minhash::word_hashes(content)
+    };
+    key_of_words(&words)
+}
+
+/// Keeps case-sensitive keys of words differing only in case apart.
+fn case_mark(word: &str) -> u64 {
+    word.bytes()
+        .fold(0u64, |h, b| h.rotate_left(5) ^ u64::from(b.is_ascii_uppercase()) ^ u64::from(b))
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+/// Two independent 64-bit hashes of a word-hash sequence, as one 128-bit key.
+pub fn key_of_words(words: &[u64]) -> u128 {
+    let (mut a, mut b) = (0x243F_6A88_85A3_08D3u64, 0x1319_8A2E_0370_7344u64);
+    for &w in words {
+        a = (a ^ w).wrapping_mul(0xA076_1D64_78BD_642F).rotate_left(29);
+        b = (b.rotate_left(17) ^ w.rotate_right(7)).wrapping_mul(0xE703_7ED1_A0B4_28DB);
     }
-    let digest = hasher.finalize();
-    let mut bytes = [0u8; 16];
-    bytes.copy_from_slice(&digest[..16]);
-    u128::from_le_bytes(bytes)
+    (u128::from(a) << 64) | u128::from(b ^ words.len() as u64)
 }
 
 #[cfg(test)]
@@ -368,7 +378,7 @@ mod tests {
         let mut record = Record::Text { text: text.into() };
         let mut counts = BTreeMap::new();
         r.apply(&mut record, &mut counts);
-        (record.content(), counts)
+        (record.content().into_owned(), counts)
     }
 
     #[test]
