@@ -14,20 +14,11 @@ use serde_json::{Value, json};
 
 use common::scratch;
 
-/// A small deterministic generator.
-struct Rng(u64);
+use llmops_worker::engine::sampling::SplitMix64 as Rng;
 
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
+/// Uniform below `n`.
+fn below(rng: &mut Rng, n: usize) -> usize {
+    (rng.next_u64() % n as u64) as usize
 }
 
 fn vocabulary(rng: &mut Rng, n: usize) -> Vec<String> {
@@ -37,8 +28,8 @@ fn vocabulary(rng: &mut Rng, n: usize) -> Vec<String> {
     ];
     let mut words = HashSet::new();
     while words.len() < n {
-        let len = 2 + rng.below(3);
-        words.insert((0..len).map(|_| SYLLABLES[rng.below(SYLLABLES.len())]).collect::<String>());
+        let len = 2 + below(rng, 3);
+        words.insert((0..len).map(|_| SYLLABLES[below(rng, SYLLABLES.len())]).collect::<String>());
     }
     let mut words: Vec<String> = words.into_iter().collect();
     words.sort();
@@ -59,27 +50,27 @@ fn corpus(originals: usize, seed: u64) -> Vec<(String, usize, Kind)> {
     let vocab = vocabulary(&mut rng, 4000);
     let mut texts: Vec<Vec<String>> = Vec::new();
     for _ in 0..originals {
-        texts.push((0..60).map(|_| vocab[rng.below(vocab.len())].clone()).collect());
+        texts.push((0..60).map(|_| vocab[below(&mut rng, vocab.len())].clone()).collect());
     }
     let mut out: Vec<(String, usize, Kind)> =
         texts.iter().enumerate().map(|(i, t)| (t.join(" "), i, Kind::Original)).collect();
     for i in 0..originals / 8 {
-        let c = rng.below(originals);
+        let c = below(&mut rng, originals);
         let text = texts[c].join(" ");
         let dup = if i % 2 == 0 { text } else { format!("  {}  ", text.to_uppercase().replace(' ', "   ")) };
         out.push((dup, c, Kind::Exact));
     }
     for _ in 0..originals / 8 {
-        let c = rng.below(originals);
+        let c = below(&mut rng, originals);
         let mut words = texts[c].clone();
         for _ in 0..3 {
-            let at = rng.below(words.len());
-            words[at] = vocab[rng.below(vocab.len())].clone();
+            let at = below(&mut rng, words.len());
+            words[at] = vocab[below(&mut rng, vocab.len())].clone();
         }
         out.push((words.join(" "), c, Kind::Near));
     }
     for i in (1..out.len()).rev() {
-        let j = rng.below(i + 1);
+        let j = below(&mut rng, i + 1);
         out.swap(i, j);
     }
     out

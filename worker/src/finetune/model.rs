@@ -116,25 +116,8 @@ pub enum Method {
     Full,
 }
 
-/// SplitMix64, for initialisation and dropout masks that a seed reproduces.
-#[derive(Debug, Clone)]
-pub struct Rng(pub u64);
-
-impl Rng {
-    /// Next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    pub fn uniform(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
-    }
-}
+/// The seeded generator of initialisation and dropout masks.
+pub use crate::engine::sampling::SplitMix64 as Rng;
 
 fn split_rows(t: &Tensor, widths: &[usize]) -> Result<Vec<Tensor>> {
     let mut out = Vec::new();
