@@ -219,8 +219,9 @@ fn round_f16(x: &Tensor) -> Result<Tensor> {
     Ok(if x.dtype() == DType::F32 { x.to_dtype(DType::F16)?.to_dtype(DType::F32)? } else { x.clone() })
 }
 
-/// An adapter and the rows of a step it applies to (None: all).
-type RowAdapter<'a> = (&'a Adapter, Option<Tensor>);
+/// An adapter and the rows of a step it applies to: None for all rows of one sequence
+/// (a prompt), or the rows of a batched decode step, as indices and as a tensor.
+type RowAdapter<'a> = (&'a Adapter, Option<(Vec<usize>, Tensor)>);
 
 /// The decoder.
 #[derive(Debug)]
@@ -434,7 +435,14 @@ impl LlamaModel {
             let Some(pair) = pick(adapter.layer(layer)) else { continue };
             y = match rows {
                 None => (y + pair.delta(x)?)?,
-                Some(rows) => y.index_add(rows, &pair.delta(&x.index_select(rows, 0)?)?, 0)?,
+                // One product per sequence, as when it decodes alone: a product over several
+                // rows may round differently, and greedy choices would then depend on
+                // which other requests share the batch.
+                Some((indices, rows)) => {
+                    let deltas =
+                        indices.iter().map(|&i| pair.delta(&x.narrow(0, i, 1)?)).collect::<Result<Vec<_>>>()?;
+                    y.index_add(rows, &Tensor::cat(&deltas, 0)?, 0)?
+                }
             };
         }
         Ok(y)
@@ -535,8 +543,8 @@ impl LlamaModel {
         let row_adapters = groups
             .into_iter()
             .map(|(a, rows)| -> Result<RowAdapter<'_>> {
-                let all = rows.len() == tokens.len();
-                Ok((a, if all { None } else { Some(Tensor::new(rows.as_slice(), &self.device)?) }))
+                let tensor = Tensor::new(rows.as_slice(), &self.device)?;
+                Ok((a, Some((rows.iter().map(|&r| r as usize).collect(), tensor))))
             })
             .collect::<Result<Vec<_>>>()?;
         let x = self.blocks(tokens, &row_adapters, |layer, qkv| {
