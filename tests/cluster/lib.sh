@@ -46,10 +46,12 @@ is_cluster_process() {
     [[ $pid =~ ^[0-9]+$ ]] || return 1
     exe=$(readlink "/proc/$pid/exe" 2>/dev/null) || return 1
     exe=${exe% (deleted)}
+    # /proc/PID/exe is the resolved path: compare against resolved paths, so a cache
+    # directory reached through a symbolic link still matches.
     if [[ $exact == 1 ]]; then
-        [[ $exe == "$(bin_path "$name")" ]] || return 1
+        [[ $exe == "$(readlink -f "$(bin_path "$name")")" ]] || return 1
     else
-        [[ $exe == "$BIN_ROOT/$name-"*"/$name" ]] || return 1
+        [[ $exe == "$(readlink -f "$BIN_ROOT")/$name-"*"/$name" ]] || return 1
     fi
     tr '\0' '\n' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$CLUSTER_DIR/" || return 1
     state=$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) || return 1
