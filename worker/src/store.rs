@@ -117,6 +117,17 @@ async fn download(
     Ok(())
 }
 
+/// The digest of an output directory: sha256 over one `name sha256` line per file, in
+/// the order given (callers pass them sorted by name).
+pub fn files_digest<'a>(files: impl IntoIterator<Item = (&'a str, &'a str)>) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    for (name, sha) in files {
+        hasher.update(format!("{name} {sha}\n").as_bytes());
+    }
+    hex::encode(hasher.finalize())
+}
+
 /// sha256 of a file, lowercase hex, read in 1 MiB blocks.
 pub fn file_sha256(path: &std::path::Path) -> Result<String> {
     use sha2::{Digest, Sha256};

@@ -621,11 +621,8 @@ fn write_output(
     for f in &files {
         digests.insert(f.clone(), json!(file_sha256(&out.join(f))?));
     }
-    use sha2::Digest;
-    let mut whole = sha2::Sha256::new();
-    for (name, sha) in &digests {
-        whole.update(format!("{name} {}\n", sha.as_str().unwrap_or_default()).as_bytes());
-    }
+    let whole =
+        crate::store::files_digest(digests.iter().map(|(name, sha)| (name.as_str(), sha.as_str().unwrap_or_default())));
     let input = |p: &Path| -> Result<Value> {
         let sha = if p.is_file() { Some(file_sha256(p)?) } else { None };
         Ok(json!({"path": p.display().to_string(), "sha256": sha}))
@@ -645,7 +642,7 @@ fn write_output(
     let manifest = json!({
         "kind": "FineTuneJob",
         "workload": assignment.workload.as_ref().map(|w| json!({"namespace": w.namespace, "name": w.name, "uid": w.uid})),
-        "sha256": hex::encode(whole.finalize()),
+        "sha256": whole,
         "method": match opts.method { Method::Full => "full", Method::Lora { .. } => "lora" },
         "files": digests,
         "inputs": inputs,

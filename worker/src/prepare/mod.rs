@@ -440,11 +440,9 @@ fn run_into(
             files.insert(name, json!({"sha256": sha, "bytes": bytes, "records": records, "split": SPLITS[i]}));
         }
     }
-    let mut dataset = Sha256::new();
-    for (name, f) in &files {
-        dataset.update(format!("{name} {}\n", f["sha256"].as_str().unwrap_or_default()).as_bytes());
-    }
-    let dataset_sha = hex::encode(dataset.finalize());
+    let dataset_sha = crate::store::files_digest(
+        files.iter().map(|(name, f)| (name.as_str(), f["sha256"].as_str().unwrap_or_default())),
+    );
     let source_files: Vec<Value> =
         digests.finish().into_iter().map(|(path, sha)| json!({"path": path, "sha256": sha})).collect();
     let mut source_digest = Sha256::new();

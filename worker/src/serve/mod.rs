@@ -459,22 +459,19 @@ fn prepare_completion(state: &Shared, loaded: &Loaded, req: CompletionRequest) -
     let tokenizer = &loaded.model.tokenizer;
     let batch_error =
         || ApiError::invalid_parameter("prompt", "send one prompt per request; batches of prompts are not supported");
-    let (text, prompt) = match req.prompt {
+    // A batch of one prompt is that prompt.
+    let single = match req.prompt {
+        PromptIn::Texts(mut v) if v.len() == 1 => PromptIn::Text(v.remove(0)),
+        PromptIn::TokenLists(mut v) if v.len() == 1 => PromptIn::Tokens(v.remove(0)),
+        other => other,
+    };
+    let (text, prompt) = match single {
         PromptIn::Text(t) => {
             let ids = tokenizer.encode_prompt(&t).map_err(|e| ApiError::internal(format!("{e:#}")))?;
             (t, ids)
         }
-        PromptIn::Texts(mut v) if v.len() == 1 => {
-            let t = v.remove(0);
-            let ids = tokenizer.encode_prompt(&t).map_err(|e| ApiError::internal(format!("{e:#}")))?;
-            (t, ids)
-        }
         PromptIn::Tokens(ids) => (tokenizer.decode(&ids, false).unwrap_or_default(), ids),
-        PromptIn::TokenLists(mut v) if v.len() == 1 => {
-            let ids = v.remove(0);
-            (tokenizer.decode(&ids, false).unwrap_or_default(), ids)
-        }
-        _ => return Err(batch_error()),
+        PromptIn::Texts(_) | PromptIn::TokenLists(_) => return Err(batch_error()),
     };
     let vocab = loaded.model.model.config().vocab_size as u32;
     if let Some(bad) = prompt.iter().find(|&&t| t >= vocab) {
@@ -522,7 +519,7 @@ async fn chat(State(state): State<AppState>, body: Result<Bytes, BytesRejection>
         respond(state.clone(), loaded, prepared, Kind::Chat).await
     }
     .await;
-    finish_response(&state, Kind::Chat, result)
+    finish_response(&state, Kind::Chat.path(), result)
 }
 
 async fn completions(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
@@ -533,14 +530,16 @@ async fn completions(State(state): State<AppState>, body: Result<Bytes, BytesRej
         respond(state.clone(), loaded, prepared, Kind::Completion).await
     }
     .await;
-    finish_response(&state, Kind::Completion, result)
+    finish_response(&state, Kind::Completion.path(), result)
 }
 
-fn finish_response(state: &Shared, kind: Kind, result: Result<Response, ApiError>) -> Response {
+/// The response, or the error's: counted by endpoint and type, and logged when it is the
+/// server's fault.
+fn finish_response(state: &Shared, endpoint: &str, result: Result<Response, ApiError>) -> Response {
     match result {
         Ok(r) => r,
         Err(e) => {
-            count_error(state, kind.path(), &e);
+            count_error(state, endpoint, &e);
             if e.status.is_server_error() {
                 tracing::error!(code = e.code, message = %e.message, "request failed");
             }
@@ -735,11 +734,5 @@ async fn feedback(State(state): State<AppState>, body: Result<Bytes, BytesReject
         Ok(Json(json!({"id": req.id, "object": "feedback", "recorded": true})).into_response())
     }
     .await;
-    match result {
-        Ok(r) => r,
-        Err(e) => {
-            count_error(&state, "/v1/feedback", &e);
-            e.into_response()
-        }
-    }
+    finish_response(&state, "/v1/feedback", result)
 }
