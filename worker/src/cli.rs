@@ -13,8 +13,10 @@ use llmops_proto::{Validate, read_assignment, to_yaml};
 
 /// Exit status of an Assignment that is invalid.
 pub const EXIT_INVALID: u8 = 2;
-/// Exit status of a valid Assignment whose mode this build cannot run.
-pub const EXIT_UNAVAILABLE: u8 = 69;
+/// Exit status of a run that failed without a verdict (e.g. a target failing requests).
+pub const EXIT_FAILED: u8 = 1;
+/// Exit status of an evaluation that ran and did not pass its gate.
+pub const EXIT_GATE_FAILED: u8 = 3;
 
 #[derive(Parser, Debug)]
 #[command(name = "llmops-worker", version, about = "The llmops worker: prepare, finetune, eval and serve")]
@@ -171,6 +173,27 @@ struct EvalArgs {
     /// Output directory of results.json.
     #[arg(long, value_name = "DIR")]
     out: Option<String>,
+    /// A pass condition, METRIC>=VALUE or METRIC<=VALUE (repeatable).
+    #[arg(long = "threshold", value_name = "BOUND")]
+    thresholds: Vec<String>,
+    /// Regular expression of the regexMatch metric.
+    #[arg(long)]
+    regex: Option<String>,
+    /// Evaluate only the first N samples.
+    #[arg(long, value_name = "N")]
+    sample_limit: Option<u64>,
+    /// Requests in flight at once (endpoints), or sequences decoded together (local).
+    #[arg(long)]
+    concurrency: Option<u32>,
+    /// Fail the run when more than this fraction of samples fail against the target.
+    #[arg(long)]
+    max_error_fraction: Option<f64>,
+    /// Most tokens generated per sample.
+    #[arg(long)]
+    max_tokens: Option<u32>,
+    /// File holding the API key of --endpoint.
+    #[arg(long, value_name = "FILE", requires = "endpoint")]
+    api_key_file: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -432,7 +455,7 @@ fn build_eval(args: &EvalArgs) -> Result<Assignment> {
         let endpoint = v1::EndpointTarget {
             url: url.clone(),
             model: args.endpoint_model.clone().unwrap_or_default(),
-            api_key_file: String::new(),
+            api_key_file: args.api_key_file.as_deref().map(to_uri).unwrap_or_default(),
         };
         e.target =
             Some(v1::EvalTarget { target: Some(v1::eval_target::Target::Endpoint(endpoint)), revision: String::new() });
@@ -446,10 +469,51 @@ fn build_eval(args: &EvalArgs) -> Result<Assignment> {
     if let Some(o) = &args.out {
         e.output = Some(output(o));
     }
+    for bound in &args.thresholds {
+        let threshold = parse_threshold(bound)?;
+        e.thresholds.retain(|t| !(t.metric == threshold.metric && t.min.is_some() == threshold.min.is_some()));
+        e.thresholds.push(threshold);
+    }
+    if let Some(r) = &args.regex {
+        e.regex = r.clone();
+    }
+    if let Some(n) = args.sample_limit {
+        e.sample_limit = n;
+    }
+    if let Some(c) = args.concurrency {
+        e.concurrency = c;
+    }
     if e.concurrency == 0 {
         e.concurrency = 4;
     }
+    if let Some(f) = args.max_error_fraction {
+        e.max_error_fraction = f;
+    } else if args.common.assignment.is_none() {
+        e.max_error_fraction = 0.05;
+    }
+    if let Some(m) = args.max_tokens {
+        e.generation.get_or_insert_with(Default::default).max_tokens = Some(m);
+    }
     Ok(a)
+}
+
+/// `METRIC>=VALUE` or `METRIC<=VALUE`.
+fn parse_threshold(text: &str) -> Result<v1::Threshold> {
+    let (metric, min, max) = if let Some((m, v)) = text.split_once(">=") {
+        (m, Some(v), None)
+    } else if let Some((m, v)) = text.split_once("<=") {
+        (m, None, Some(v))
+    } else {
+        bail!("--threshold {text:?}: expected METRIC>=VALUE or METRIC<=VALUE");
+    };
+    let number = |v: &str| -> Result<f64> {
+        v.trim().parse::<f64>().with_context(|| format!("--threshold {text:?}: {v:?} is not a number"))
+    };
+    Ok(v1::Threshold {
+        metric: metric.trim().to_string(),
+        min: min.map(number).transpose()?,
+        max: max.map(number).transpose()?,
+    })
 }
 
 fn build_serve(args: &ServeArgs) -> Result<Assignment> {
@@ -546,13 +610,43 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             llmops_worker::finetune::run(&assignment)?;
             return Ok(ExitCode::SUCCESS);
         }
-        _ => {}
+        Some(Mode::Eval(_)) => return eval(&assignment),
+        None => {}
     }
-    let mode = assignment.mode.as_ref().map(Mode::name).unwrap_or_default();
-    eprintln!(
-        "error: the assignment is valid, but this build of llmops-worker {} cannot run the {mode} mode yet; \
-         use --check to inspect the assignment",
-        env!("CARGO_PKG_VERSION")
-    );
-    Ok(ExitCode::from(EXIT_UNAVAILABLE))
+    bail!("the assignment names no mode")
+}
+
+/// Runs an evaluation and prints its summary. A failed gate exits with
+/// [`EXIT_GATE_FAILED`]; a run without a verdict (a failing target) with
+/// [`EXIT_FAILED`].
+fn eval(assignment: &Assignment) -> Result<ExitCode> {
+    let results = match llmops_worker::eval::run(assignment) {
+        Ok(results) => results,
+        Err(e) if e.downcast_ref::<llmops_worker::eval::EvalFailure>().is_some() => {
+            eprintln!("error: the evaluation failed: {e:#}");
+            return Ok(ExitCode::from(EXIT_FAILED));
+        }
+        Err(e) => return Err(e),
+    };
+    let empty = Vec::new();
+    for m in results["metrics"].as_array().unwrap_or(&empty) {
+        let ci = match (m["ciLow"].as_f64(), m["ciHigh"].as_f64()) {
+            (Some(low), Some(high)) => format!("  95% CI [{low:.4}, {high:.4}]"),
+            _ => String::new(),
+        };
+        println!(
+            "{:<22} {:>10.4}{ci}  ({} samples)",
+            m["metric"].as_str().unwrap_or_default(),
+            m["value"].as_f64().unwrap_or(f64::NAN),
+            m["samples"]
+        );
+    }
+    println!("samples {}, errors {}", results["samples"], results["errors"]);
+    if results["passed"].as_bool() == Some(true) {
+        println!("passed");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("FAILED: {}", results["reason"].as_str().unwrap_or("a threshold or the baseline did not hold"));
+        Ok(ExitCode::from(EXIT_GATE_FAILED))
+    }
 }

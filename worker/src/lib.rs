@@ -3,7 +3,9 @@
 
 pub mod bench;
 pub mod engine;
+pub mod eval;
 pub mod finetune;
 pub mod prepare;
+pub mod report;
 pub mod serve;
 pub mod store;

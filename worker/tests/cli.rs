@@ -112,11 +112,14 @@ fn missing_file_and_bad_yaml_are_clear_errors() {
 }
 
 #[test]
-fn valid_assignment_without_check_says_the_mode_is_unavailable() {
+fn a_valid_assignment_whose_inputs_are_missing_names_the_missing_file() {
     let out = worker(&["eval", "--assignment", &example("eval.yaml")]);
     let (_, stderr) = text(&out);
-    assert_eq!(out.status.code(), Some(69), "{stderr}");
-    assert!(stderr.contains("cannot run the eval mode yet"), "{stderr}");
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("/var/lib/llmops/store/default/dataset/support-chats/3f0c9a52-7c1e-4d8e-9a41-2b6f0e1d5c77/output/test.parquet"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -3,6 +3,8 @@
 use anyhow::{Context, Result, bail};
 use llmops_crds::render::{ChatMessage, chat_template_environment};
 
+use super::LoadedModel;
+
 /// Renders `messages` with a model's chat template; `add_generation_prompt` opens the
 /// assistant's turn.
 pub fn render_chat(
@@ -25,6 +27,19 @@ pub fn render_chat(
             eos_token => eos_token,
         })
         .context("rendering the chat template")
+}
+
+/// Renders `messages` with `model`'s own chat template and its BOS/EOS token texts.
+pub fn render_for(model: &LoadedModel, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+    let tokenizer = &model.tokenizer;
+    let token_text = |id: Option<u32>| id.and_then(|i| tokenizer.decode(&[i], false).ok()).unwrap_or_default();
+    render_chat(
+        model.chat_template.as_deref(),
+        messages,
+        add_generation_prompt,
+        &token_text(tokenizer.bos),
+        &token_text(tokenizer.eos.first().copied()),
+    )
 }
 
 #[cfg(test)]

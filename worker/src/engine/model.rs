@@ -563,11 +563,16 @@ impl LlamaModel {
     /// Log-probabilities of each next token given the previous ones, for `tokens` in a
     /// fresh context: element i is log p(tokens[i + 1] | tokens[..=i]).
     pub fn token_log_probs(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.token_log_probs_with(tokens, None)
+    }
+
+    /// [`Self::token_log_probs`] with a LoRA adapter applied.
+    pub fn token_log_probs_with(&self, tokens: &[u32], adapter: Option<&Adapter>) -> Result<Vec<f32>> {
         if tokens.len() < 2 {
             return Ok(Vec::new());
         }
         let mut cache = KvCache::default();
-        let logits = self.forward(&tokens[..tokens.len() - 1], &mut cache, true)?;
+        let logits = self.forward_with(&tokens[..tokens.len() - 1], &mut cache, true, adapter)?;
         let log_probs = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
         let targets = Tensor::new(&tokens[1..], &self.device)?.unsqueeze(1)?;
         Ok(log_probs.gather(&targets, 1)?.squeeze(1)?.to_vec1()?)

@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use candle_core::{Device, Tensor};
 
 use crate::engine::LoadedModel;
-use crate::engine::chat::render_chat;
+use crate::engine::chat::render_for;
 use crate::prepare::record::{self, Record, Schema};
 use crate::prepare::source::{self, Digests, Format};
 
@@ -59,10 +59,6 @@ pub fn read_records(path: &Path) -> Result<Vec<Record>> {
     Ok(records)
 }
 
-fn token_text(model: &LoadedModel, id: Option<u32>) -> String {
-    id.and_then(|i| model.tokenizer.decode(&[i], false).ok()).unwrap_or_default()
-}
-
 /// Tokenizes a record: the prompt (chat template up to the assistant's last turn, or the
 /// completion prompt) is context only; the answer and the end-of-sequence token are
 /// learned. Text records are learned whole. Cut to `max_len` tokens.
@@ -75,10 +71,8 @@ pub fn tokenize(model: &LoadedModel, record: &Record, max_len: usize) -> Result<
                 .iter()
                 .rposition(|m| m.role == "assistant")
                 .context("a chat record without an assistant turn has nothing to learn")?;
-            let (bos, eos_text) = (token_text(model, tok.bos), token_text(model, eos));
-            let template = model.chat_template.as_deref();
-            let prompt_text = render_chat(template, &messages[..last], true, &bos, &eos_text)?;
-            let full_text = render_chat(template, &messages[..=last], false, &bos, &eos_text)?;
+            let prompt_text = render_for(model, &messages[..last], true)?;
+            let full_text = render_for(model, &messages[..=last], false)?;
             let prompt = tok.encode(&prompt_text, true)?;
             let full = tok.encode(&full_text, true)?;
             if !full.starts_with(&prompt) {

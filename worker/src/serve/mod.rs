@@ -40,7 +40,7 @@ use self::error::ApiError;
 use self::metrics::Metrics;
 use self::traffic::{CompletionRecord, FeedbackRecord, TrafficLog};
 use crate::engine::{self, Adapter, GenerateRequest, Generation, LoadedModel, WeightFormat};
-use crate::store::{file_sha256, local_path};
+use crate::store::local_path;
 
 /// What a loaded server serves.
 struct Loaded {
@@ -214,17 +214,8 @@ fn load(assignment: &Assignment, config: &ServeAssignment, max_batch: usize, met
     let path = local_path(&weights.uri, assignment.store.as_ref())?;
     let device = engine::device();
     let format = if device.is_cpu() && path.is_file() { WeightFormat::Hybrid } else { WeightFormat::AsStored };
-    let model = engine::load(&path, &device, format)?;
-    // The digest adapters are checked against; a digest the assignment gives must match.
-    let base_sha256 = if path.is_file() {
-        let found = file_sha256(&path)?;
-        if !weights.sha256.is_empty() && !weights.sha256.eq_ignore_ascii_case(&found) {
-            bail!("{} has sha256 {found}, but the assignment expects {}", path.display(), weights.sha256);
-        }
-        Some(found)
-    } else {
-        Some(weights.sha256.to_lowercase()).filter(|d| !d.is_empty())
-    };
+    // The digest adapters are checked against.
+    let (model, base_sha256) = engine::load_verified(&path, &weights.sha256, &device, format)?;
     let mut adapters = BTreeMap::new();
     for served in &config.adapters {
         let uri = served.adapter.as_ref().map(|a| a.uri.as_str()).unwrap_or_default();
@@ -416,17 +407,9 @@ fn prepare_chat(state: &Shared, loaded: &Loaded, req: ChatRequest) -> Result<Pre
     let mut messages: Vec<ChatMessage> =
         state.prompt_messages.iter().filter(|m| !(has_system && m.role == "system")).cloned().collect();
     messages.extend(asked);
-    let tokenizer = &loaded.model.tokenizer;
-    let token_text = |id: Option<u32>| id.and_then(|i| tokenizer.decode(&[i], false).ok()).unwrap_or_default();
-    let text = engine::chat::render_chat(
-        loaded.model.chat_template.as_deref(),
-        &messages,
-        true,
-        &token_text(tokenizer.bos),
-        &token_text(tokenizer.eos.first().copied()),
-    )
-    .map_err(|e| ApiError::invalid_parameter("messages", format!("{e:#}")))?;
-    let prompt = tokenizer.encode(&text, true).map_err(|e| ApiError::internal(format!("{e:#}")))?;
+    let text = engine::chat::render_for(&loaded.model, &messages, true)
+        .map_err(|e| ApiError::invalid_parameter("messages", format!("{e:#}")))?;
+    let prompt = loaded.model.tokenizer.encode(&text, true).map_err(|e| ApiError::internal(format!("{e:#}")))?;
     let max_tokens = req.max_completion_tokens.or(req.common.max_tokens);
     let request = generate_request(state, loaded, &req.common, max_tokens, prompt, None)?;
     Ok(Prepared {

@@ -142,11 +142,20 @@ impl Drop for Server {
 
 /// POSTs JSON to a local server and returns the status and the parsed body.
 pub fn post_json(port: u16, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+    post(port, path, body, "")
+}
+
+/// [`post_json`] with an API key as the bearer token.
+pub fn post_json_with_key(port: u16, path: &str, body: &serde_json::Value, key: &str) -> (u16, serde_json::Value) {
+    post(port, path, body, &format!("Authorization: Bearer {key}\r\n"))
+}
+
+fn post(port: u16, path: &str, body: &serde_json::Value, headers: &str) -> (u16, serde_json::Value) {
     let body = body.to_string();
     let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connects");
     write!(
         stream,
-        "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\n{headers}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )
     .expect("sends");
