@@ -1,4 +1,5 @@
-//! `llmops-operator`: the operator binary. `crds` prints or writes the CustomResource-
+//! `llmops-operator`: the operator binary. `run` runs the controllers, the worker
+//! gateway and the metrics server; `crds` prints or writes the CustomResource-
 //! Definitions of the five kinds, as the chart and `kubectl apply` install them.
 #![forbid(unsafe_code)]
 
@@ -17,6 +18,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run the controllers, the worker gateway and the metrics server.
+    Run(Box<llmops_operator::RunArgs>),
     /// Print the CRDs of all llmops kinds as one multi-document YAML stream
     /// (`llmops-operator crds | kubectl apply --server-side -f -`).
     Crds {
@@ -30,7 +33,31 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Crds { write } => crds(write),
+        Command::Run(args) => run(*args),
     }
+}
+
+fn run(args: llmops_operator::RunArgs) -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn,tower=warn,h2=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match args.log_format.as_str() {
+        "json" => builder.json().init(),
+        _ => builder.init(),
+    }
+    let config = llmops_operator::Config::from(&args);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+        tokio::select! {
+            r = llmops_operator::run(client, config) => r,
+            r = tokio::signal::ctrl_c() => {
+                r?;
+                tracing::info!("interrupted; stopping");
+                Ok(())
+            }
+        }
+    })
 }
 
 fn crds(write: Option<PathBuf>) -> Result<()> {

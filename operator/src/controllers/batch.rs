@@ -1,0 +1,404 @@
+//! The reconcile pipeline shared by the batch kinds (Dataset, FineTuneJob, EvalRun):
+//! resolve and build (per kind, once: the result is pinned in the workload's token
+//! Secret, so later changes of the inputs do not change a started job) -> apply (token
+//! Secret, Job) -> observe (Job, newest pod, gateway) -> status, written only when it
+//! changed in more than timestamps.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::ByteString;
+use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::{Resource, ResourceExt};
+use llmops_crds::condition_types::READY;
+use llmops_crds::{Lineage, Resources};
+use llmops_proto::v1::{self, Assignment};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::conditions;
+use crate::context::Context;
+use crate::error::{Error, Result};
+use crate::gateway::Observed;
+use crate::job::{self, SecretFile, TOKEN_KEY, WorkerJob};
+use crate::pods;
+use crate::status::{self, BatchState, JobView, Observation};
+use crate::workload::{FIELD_MANAGER, WorkloadKey, owner_reference};
+
+/// Finalizer of kinds whose worker checkpoints before its pod goes.
+pub const FINALIZER: &str = "llmops.dev/checkpoint";
+
+/// What resolving a workload's references gave.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Plan {
+    /// A reference is missing or not ready, or the spec cannot work as it is.
+    Wait {
+        /// CamelCase reason, e.g. WaitingForDataset.
+        reason: String,
+        /// For a person.
+        message: String,
+    },
+    /// Everything resolved: run the worker with this.
+    Run {
+        /// The Assignment.
+        assignment: Box<Assignment>,
+        /// Digests of the inputs.
+        lineage: Option<Lineage>,
+        /// Secret keys the worker reads as files.
+        secret_files: Vec<SecretFile>,
+    },
+}
+
+impl Plan {
+    /// A Wait plan.
+    pub fn wait(reason: &str, message: impl Into<String>) -> Self {
+        Plan::Wait { reason: reason.into(), message: message.into() }
+    }
+}
+
+/// What a started workload was pinned to, kept in its token Secret.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pinned {
+    /// The bearer token.
+    pub token: String,
+    /// The Assignment.
+    pub assignment: Assignment,
+    /// Digests of the inputs.
+    pub lineage: Option<Lineage>,
+    /// Secret keys the worker reads as files.
+    pub secret_files: Vec<SecretFile>,
+}
+
+/// A batch kind.
+pub trait BatchKind:
+    Resource<DynamicType = (), Scope = NamespaceResourceScope>
+    + Clone
+    + std::fmt::Debug
+    + Serialize
+    + DeserializeOwned
+    + Send
+    + Sync
+    + 'static
+{
+    /// Suffix of the Job's name.
+    const SUFFIX: &'static str;
+    /// Whether suspend and deletion first ask the worker for a checkpoint.
+    const CHECKPOINT_ON_STOP: bool = false;
+    /// The status type.
+    type Status: Serialize + Clone + Default + Send + Sync + std::fmt::Debug;
+    /// The stored status.
+    fn status_ref(&self) -> Option<&Self::Status>;
+    /// The shared part of a status.
+    fn batch(status: &Self::Status) -> BatchState;
+    /// Writes the shared part into a status.
+    fn set_batch(status: &mut Self::Status, state: BatchState);
+    /// Resources of the pod.
+    fn resources(&self) -> Option<&Resources>;
+    /// Retries of the pod.
+    fn backoff_limit(&self) -> i32;
+    /// Whether the spec asks to suspend.
+    fn suspend(&self) -> bool {
+        false
+    }
+    /// Resolve, validate and build.
+    fn plan(&self, ctx: &Context, key: &WorkloadKey) -> impl Future<Output = Result<Plan>> + Send;
+    /// Adds the kind's own figures (progress, artifact, metrics) to a status.
+    fn figures(&self, status: &mut Self::Status, observed: Option<&Observed>, pinned: &Pinned, key: &WorkloadKey);
+}
+
+/// Reconciles one batch object, counting metrics and reporting errors as events.
+pub async fn reconcile<K: BatchKind>(obj: std::sync::Arc<K>, ctx: std::sync::Arc<Context>) -> Result<Action> {
+    let kind = K::kind(&()).into_owned();
+    let _timer = ctx.metrics.reconcile_started(&kind);
+    let result = match WorkloadKey::of(&*obj) {
+        Ok(key) => reconcile_inner(&*obj, &ctx, &key).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = &result {
+        ctx.metrics.reconcile_failed(&kind, e.category());
+        tracing::warn!(kind, name = %obj.name_any(), namespace = ?obj.namespace(), category = e.category(), error = %e, "reconcile failed");
+        ctx.event(&*obj, true, e.category(), e.to_string()).await;
+    }
+    result
+}
+
+/// How a failed reconcile is retried.
+pub fn error_policy<K>(_obj: std::sync::Arc<K>, _error: &Error, _ctx: std::sync::Arc<Context>) -> Action {
+    Action::requeue(Duration::from_secs(5))
+}
+
+async fn reconcile_inner<K: BatchKind>(obj: &K, ctx: &Context, key: &WorkloadKey) -> Result<Action> {
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &key.namespace);
+    let generation = obj.meta().generation;
+    let old_status = obj.status_ref().cloned().unwrap_or_default();
+    let old = K::batch(&old_status);
+    let job_name = key.child_name(K::SUFFIX);
+    let secret_name = format!("{job_name}-token");
+    let now = conditions::now();
+
+    if obj.meta().deletion_timestamp.is_some() {
+        if has_finalizer(obj) {
+            if !stop_worker(ctx, key).await {
+                return Ok(Action::requeue(Duration::from_secs(2)));
+            }
+            remove_finalizer(&api, obj).await?;
+        }
+        ctx.gateway.forget(&key.uid);
+        return Ok(Action::await_change());
+    }
+    if K::CHECKPOINT_ON_STOP && !old.finished() && !has_finalizer(obj) {
+        add_finalizer(&api, obj).await?;
+    }
+
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &key.namespace);
+    let pinned = match read_pinned(&secrets, &secret_name).await? {
+        Some(p) => p,
+        None if old.finished() => return Ok(Action::await_change()),
+        None => match obj.plan(ctx, key).await? {
+            Plan::Wait { reason, message } => {
+                let state = status::waiting(&old, &reason, &message, generation, &now);
+                let mut new_status = old_status.clone();
+                K::set_batch(&mut new_status, state);
+                write_status(ctx, &api, key, &old_status, &new_status).await?;
+                let old_reason = conditions::get(&old.common.conditions, READY).map(|c| c.reason.as_str());
+                if old_reason != Some(reason.as_str()) {
+                    tracing::info!(workload = %key, %reason, %message, "waiting");
+                    ctx.event(obj, false, &reason, message).await;
+                }
+                return Ok(Action::requeue(Duration::from_secs(30)));
+            }
+            Plan::Run { assignment, lineage, secret_files } => {
+                let pinned = Pinned {
+                    token: crate::gateway::tokens::generate().map_err(|e| Error::Random(e.to_string()))?,
+                    assignment: *assignment,
+                    lineage,
+                    secret_files,
+                };
+                create_pinned(&secrets, obj, key, &secret_name, pinned).await?
+            }
+        },
+    };
+    ctx.gateway.register(key, &pinned.token, pinned.assignment.clone());
+
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &key.namespace);
+    let mut job = jobs.get_opt(&job_name).await?;
+    let desired_suspend = obj.suspend();
+    let mut soon = false;
+    match &job {
+        None if !old.finished() => {
+            let built = job::build(
+                &ctx.config,
+                &WorkerJob {
+                    key,
+                    job_name: job_name.clone(),
+                    token_secret: secret_name.clone(),
+                    resources: obj.resources(),
+                    backoff_limit: obj.backoff_limit(),
+                    suspend: desired_suspend,
+                    owner: owner_reference(obj)?,
+                    secret_files: pinned.secret_files.clone(),
+                },
+            );
+            let params = PatchParams::apply(FIELD_MANAGER).force();
+            job = Some(jobs.patch(&job_name, &params, &Patch::Apply(&built)).await?);
+            tracing::info!(workload = %key, job = %job_name, "job applied");
+        }
+        None => {}
+        Some(j) => {
+            let current = j.spec.as_ref().and_then(|s| s.suspend).unwrap_or(false);
+            if desired_suspend && !current && !old.finished() {
+                if !K::CHECKPOINT_ON_STOP || stop_worker(ctx, key).await {
+                    job = Some(patch_suspend(&jobs, &job_name, true).await?);
+                } else {
+                    soon = true;
+                }
+            } else if !desired_suspend && current {
+                job = Some(patch_suspend(&jobs, &job_name, false).await?);
+                crate::lock(&ctx.stop_requests).remove(&key.uid);
+            }
+        }
+    }
+
+    let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &key.namespace);
+    let pod_list = pods_api.list(&ListParams::default().labels(&key.selector())).await?.items;
+    let newest = pods::newest(&pod_list);
+    let observation = Observation {
+        job: job.as_ref().map(job_view),
+        pod_problem: newest.and_then(pods::problem),
+        pod_running: newest.is_some_and(pods::is_running),
+        gateway: ctx.gateway.observe(&key.uid),
+        suspend: desired_suspend,
+    };
+    let state = status::compute(&old, &observation, generation, &now);
+    let mut new_status = old_status.clone();
+    K::set_batch(&mut new_status, state.clone());
+    obj.figures(&mut new_status, observation.gateway.as_ref(), &pinned, key);
+    write_status(ctx, &api, key, &old_status, &new_status).await?;
+    if let Some(g) = &observation.gateway {
+        ctx.gateway.persisted(&key.uid, g.terminal_version);
+    }
+
+    let old_ready = conditions::get(&old.common.conditions, READY).cloned();
+    let new_ready = conditions::get(&state.common.conditions, READY).cloned();
+    if let Some(ready) = new_ready
+        && old_ready.as_ref().map(|c| (&c.reason, &c.message)) != Some((&ready.reason, &ready.message))
+        && old_ready.as_ref().map(|c| &c.reason) != Some(&ready.reason)
+    {
+        let warning = !matches!(ready.reason.as_str(), "Running" | "Pending" | "Succeeded" | "Suspended");
+        tracing::info!(workload = %key, reason = %ready.reason, message = %ready.message, "condition changed");
+        ctx.event(obj, warning, &ready.reason, ready.message.clone()).await;
+    }
+
+    Ok(if soon {
+        Action::requeue(Duration::from_secs(2))
+    } else if state.finished() {
+        Action::requeue(Duration::from_secs(600))
+    } else {
+        Action::requeue(Duration::from_secs(60))
+    })
+}
+
+fn job_view(job: &Job) -> JobView {
+    let status = job.status.clone().unwrap_or_default();
+    let failed_condition = status
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "Failed" && c.status == "True")
+        .map(|c| (c.reason.clone().unwrap_or_else(|| "JobFailed".into()), c.message.clone().unwrap_or_default()));
+    JobView {
+        active: status.active.unwrap_or(0),
+        succeeded: status.succeeded.unwrap_or(0),
+        failed: status.failed.unwrap_or(0),
+        start_time: status.start_time,
+        failed_condition,
+        suspended: job.spec.as_ref().and_then(|s| s.suspend).unwrap_or(false),
+    }
+}
+
+async fn patch_suspend(jobs: &Api<Job>, name: &str, suspend: bool) -> Result<Job> {
+    let patch = serde_json::json!({"spec": {"suspend": suspend}});
+    Ok(jobs.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await?)
+}
+
+/// Asks the worker of a workload to checkpoint and stop; true once it has stopped (its
+/// session closed), there is no worker connected, or the grace period is over.
+pub async fn stop_worker(ctx: &Context, key: &WorkloadKey) -> bool {
+    let connected = ctx.gateway.observe(&key.uid).is_some_and(|o| o.connected);
+    if !connected {
+        return true;
+    }
+    let asked = crate::lock(&ctx.stop_requests).get(&key.uid).copied();
+    match asked {
+        None => {
+            let sent =
+                ctx.gateway.command(&key.uid, v1::gateway_command::Command::Checkpoint(v1::Checkpoint { stop: true }));
+            tracing::info!(workload = %key, sent, "asked the worker to checkpoint and stop");
+            crate::lock(&ctx.stop_requests).insert(key.uid.clone(), Instant::now());
+            !sent
+        }
+        Some(at) => at.elapsed() >= ctx.config.checkpoint_grace,
+    }
+}
+
+fn has_finalizer<K: Resource>(obj: &K) -> bool {
+    obj.meta().finalizers.iter().flatten().any(|f| f == FINALIZER)
+}
+
+async fn add_finalizer<K: BatchKind>(api: &Api<K>, obj: &K) -> Result<()> {
+    let mut finalizers = obj.meta().finalizers.clone().unwrap_or_default();
+    finalizers.push(FINALIZER.to_string());
+    let patch =
+        serde_json::json!({"metadata": {"finalizers": finalizers, "resourceVersion": obj.meta().resource_version}});
+    api.patch(&obj.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    Ok(())
+}
+
+async fn remove_finalizer<K: BatchKind>(api: &Api<K>, obj: &K) -> Result<()> {
+    let finalizers: Vec<String> =
+        obj.meta().finalizers.iter().flatten().filter(|f| f.as_str() != FINALIZER).cloned().collect();
+    let patch =
+        serde_json::json!({"metadata": {"finalizers": finalizers, "resourceVersion": obj.meta().resource_version}});
+    match api.patch(&obj.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn read_pinned(secrets: &Api<Secret>, name: &str) -> Result<Option<Pinned>> {
+    let Some(secret) = secrets.get_opt(name).await? else { return Ok(None) };
+    let data = secret.data.unwrap_or_default();
+    let text = |k: &str| data.get(k).map(|b| String::from_utf8_lossy(&b.0).into_owned());
+    let (Some(token), Some(assignment)) = (text(TOKEN_KEY), text("assignment.json")) else { return Ok(None) };
+    Ok(Some(Pinned {
+        token,
+        assignment: serde_json::from_str(&assignment)?,
+        lineage: text("lineage.json").map(|t| serde_json::from_str(&t)).transpose()?,
+        secret_files: text("secret-files.json").map(|t| serde_json::from_str(&t)).transpose()?.unwrap_or_default(),
+    }))
+}
+
+async fn create_pinned<K: BatchKind>(
+    secrets: &Api<Secret>,
+    obj: &K,
+    key: &WorkloadKey,
+    name: &str,
+    pinned: Pinned,
+) -> Result<Pinned> {
+    let mut data = std::collections::BTreeMap::new();
+    data.insert(TOKEN_KEY.to_string(), ByteString(pinned.token.clone().into_bytes()));
+    data.insert("assignment.json".into(), ByteString(serde_json::to_vec(&pinned.assignment)?));
+    if let Some(l) = &pinned.lineage {
+        data.insert("lineage.json".into(), ByteString(serde_json::to_vec(l)?));
+    }
+    data.insert("secret-files.json".into(), ByteString(serde_json::to_vec(&pinned.secret_files)?));
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(name.to_string()),
+            namespace: Some(key.namespace.clone()),
+            labels: Some(key.labels()),
+            owner_references: Some(vec![owner_reference(obj)?]),
+            ..Default::default()
+        },
+        data: Some(data),
+        type_: Some("Opaque".into()),
+        ..Default::default()
+    };
+    match secrets.create(&PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() }, &secret).await
+    {
+        Ok(_) => {
+            tracing::info!(workload = %key, secret = name, "token secret created; inputs pinned");
+            Ok(pinned)
+        }
+        // Another reconcile (or an operator before a restart) created it first: use its.
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            read_pinned(secrets, name).await?.ok_or(Error::MissingMetadata("token secret data"))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Writes a status by server-side apply when it changed in more than timestamps.
+pub async fn write_status<K, S>(ctx: &Context, api: &Api<K>, key: &WorkloadKey, old: &S, new: &S) -> Result<bool>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
+    S: Serialize,
+{
+    if !conditions::changed(Some(old), new) {
+        return Ok(false);
+    }
+    let patch = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": new,
+    });
+    api.patch_status(&key.name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
+    ctx.metrics.status_writes.get_or_create(&crate::metrics::KindLabel { kind: key.kind.clone() }).inc();
+    Ok(true)
+}

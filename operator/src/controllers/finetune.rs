@@ -1,0 +1,136 @@
+//! FineTuneJob controller: resolve (the Dataset must be Ready; its digest is pinned;
+//! the base model) -> build (the finetune Assignment, always resuming from the newest
+//! checkpoint) -> the shared batch steps, with suspend and deletion asking the worker to
+//! checkpoint and stop first -> status figures from progress events (step, loss,
+//! tokens/s, ETA), checkpoints and the result.
+
+use llmops_crds::finetune::CheckpointStatus;
+use llmops_crds::{Artifact, FineTuneJob, FineTuneJobStatus, Lineage, LineageInput, Resources};
+
+use super::batch::{BatchKind, Pinned, Plan};
+use super::{resolve_dataset, resolve_model, spec_hash};
+use crate::assignment;
+use crate::context::Context;
+use crate::error::Result;
+use crate::gateway::Observed;
+use crate::status::{BatchState, format_eta};
+use crate::workload::WorkloadKey;
+
+impl BatchKind for FineTuneJob {
+    const SUFFIX: &'static str = "finetune";
+    const CHECKPOINT_ON_STOP: bool = true;
+    type Status = FineTuneJobStatus;
+
+    fn status_ref(&self) -> Option<&FineTuneJobStatus> {
+        self.status.as_ref()
+    }
+
+    fn batch(s: &FineTuneJobStatus) -> BatchState {
+        BatchState { common: s.common.clone(), times: s.times.clone(), attempts: s.attempts }
+    }
+
+    fn set_batch(s: &mut FineTuneJobStatus, state: BatchState) {
+        s.common = state.common;
+        s.times = state.times;
+        s.attempts = state.attempts;
+    }
+
+    fn resources(&self) -> Option<&Resources> {
+        self.spec.resources.as_ref()
+    }
+
+    fn backoff_limit(&self) -> i32 {
+        self.spec.backoff_limit
+    }
+
+    fn suspend(&self) -> bool {
+        self.spec.suspend
+    }
+
+    async fn plan(&self, ctx: &Context, key: &WorkloadKey) -> Result<Plan> {
+        let dataset = match resolve_dataset(ctx, &key.namespace, &self.spec.dataset.name).await? {
+            Ok(d) => d,
+            Err(plan) => return Ok(plan),
+        };
+        let (model, model_lineage) = match resolve_model(ctx, &key.namespace, &self.spec.model).await? {
+            Ok(m) => m,
+            Err(plan) => return Ok(plan),
+        };
+        let lineage = Lineage {
+            spec_hash: Some(spec_hash(&self.spec)),
+            inputs: vec![
+                model_lineage,
+                LineageInput {
+                    kind: "Dataset".into(),
+                    name: dataset.name.clone(),
+                    sha256: dataset.artifact.sha256.clone(),
+                },
+            ],
+        };
+        Ok(match assignment::finetune(key, &ctx.config.store, &self.spec, model, &dataset) {
+            Ok(a) => Plan::Run { assignment: Box::new(a), lineage: Some(lineage), secret_files: Vec::new() },
+            Err(e) => Plan::wait(e.reason, e.message),
+        })
+    }
+
+    fn figures(&self, s: &mut FineTuneJobStatus, observed: Option<&Observed>, pinned: &Pinned, _key: &WorkloadKey) {
+        s.lineage = pinned.lineage.clone();
+        let Some(o) = observed else { return };
+        if let Some(p) = &o.progress {
+            s.step = Some(p.step as i64);
+            if p.total_steps > 0 {
+                s.total_steps = Some(p.total_steps as i64);
+                s.progress = Some(format!("{}/{}", p.step, p.total_steps));
+            }
+            if p.epoch > 0.0 {
+                s.epoch = Some(round(p.epoch));
+            }
+            let m = |k: &str| p.metrics.get(k).copied().map(round);
+            s.loss = m("loss").or(s.loss);
+            s.eval_loss = m("eval_loss").or(s.eval_loss);
+            s.learning_rate = p.metrics.get("learning_rate").copied().or(s.learning_rate);
+            s.tokens_per_second = m("tokens_per_second").or(s.tokens_per_second);
+            s.eta = (p.eta_seconds > 0.0).then(|| format_eta(p.eta_seconds));
+        }
+        if let Some(c) = &o.checkpoint {
+            s.checkpoint = Some(CheckpointStatus { uri: c.uri.clone(), step: c.step as i64 });
+        }
+        if let Some(r) = &o.result {
+            if let Some(a) = &r.artifact {
+                s.artifact = Some(Artifact { uri: a.uri.clone(), sha256: a.sha256.clone() });
+            }
+            s.eta = None;
+            if let Some(loss) = r.metrics.get("loss").or_else(|| r.metrics.get("train_loss")) {
+                s.loss = Some(round(*loss));
+            }
+            if let Some(loss) = r.metrics.get("eval_loss") {
+                s.eval_loss = Some(round(*loss));
+            }
+            if let (Some(step), Some(total)) = (s.step, s.total_steps) {
+                s.progress = Some(format!("{step}/{total}"));
+            }
+        }
+    }
+}
+
+/// Rounds a figure for display, so that status does not change on noise digits.
+fn round(v: f64) -> f64 {
+    if !v.is_finite() {
+        return 0.0;
+    }
+    let magnitude = v.abs().log10().floor();
+    let factor = 10f64.powf(4.0 - magnitude.max(-8.0));
+    (v * factor).round() / factor
+}
+
+#[cfg(test)]
+mod tests {
+    use super::round;
+
+    #[test]
+    fn figures_keep_five_significant_digits() {
+        assert_eq!(round(1.234567), 1.2346);
+        assert_eq!(round(1234.5678), 1234.6);
+        assert_eq!(round(f64::NAN), 0.0);
+    }
+}

@@ -1,0 +1,291 @@
+//! The controllers, one per kind, and the helpers their resolve steps share. Each
+//! controller watches its kind in the configured namespaces, the objects it owns, the
+//! worker pods of its workloads, the objects it references, and the gateway's reconcile
+//! requests.
+
+pub mod batch;
+pub mod dataset;
+pub mod evalrun;
+pub mod finetune;
+pub mod prompt;
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::controller::Controller;
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Api, ResourceExt};
+use llmops_crds::condition_types::{FAILED, READY, SUCCEEDED};
+use llmops_crds::finetune::FineTuneMethod;
+use llmops_crds::{Dataset, EvalRun, FineTuneJob, LineageInput, ModelSource, PromptVersion};
+use llmops_proto::v1;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+use crate::assignment::{ResolvedDataset, model_from_uri};
+use crate::conditions;
+use crate::context::Context;
+use crate::error::Result;
+use crate::workload::{MANAGED_BY, WORKLOAD_ANNOTATION, WorkloadKey};
+use batch::Plan;
+
+/// sha256 of a spec's JSON form.
+pub fn spec_hash<T: Serialize>(spec: &T) -> String {
+    hex::encode(Sha256::digest(serde_json::to_vec(spec).unwrap_or_default()))
+}
+
+/// A model source resolved to the protocol's Model, or what to wait for.
+pub async fn resolve_model(
+    ctx: &Context,
+    namespace: &str,
+    source: &ModelSource,
+) -> Result<std::result::Result<(v1::Model, LineageInput), Plan>> {
+    if let Some(uri) = &source.uri {
+        let lineage =
+            LineageInput { kind: "Model".into(), name: uri.clone(), sha256: source.sha256.clone().unwrap_or_default() };
+        return Ok(Ok((model_from_uri(source, uri), lineage)));
+    }
+    let Some(name) = &source.fine_tune_job else {
+        return Ok(Err(Plan::wait("InvalidModelSource", "the model sets neither uri nor fineTuneJob")));
+    };
+    let job = match finished_job(ctx, namespace, name).await? {
+        Ok(job) => job,
+        Err(plan) => return Ok(Err(plan)),
+    };
+    let status = job.status.clone().unwrap_or_default();
+    let artifact = match (job.spec.method, &status.merged_model, &status.artifact) {
+        (FineTuneMethod::Full, _, Some(a)) => a.clone(),
+        (FineTuneMethod::Lora, Some(merged), _) => merged.clone(),
+        (FineTuneMethod::Lora, None, _) => {
+            return Ok(Err(Plan::wait(
+                "UnsupportedModelSource",
+                format!(
+                    "FineTuneJob {name} trained a LoRA adapter without merge; use it as an adapter, or set merge: true"
+                ),
+            )));
+        }
+        (_, _, None) => {
+            return Ok(Err(Plan::wait("WaitingForFineTuneJob", format!("FineTuneJob {name} has no output"))));
+        }
+    };
+    let with_digest = ModelSource {
+        sha256: Some(artifact.sha256.clone()),
+        format: Some(llmops_crds::ModelFormat::Hf),
+        ..source.clone()
+    };
+    let lineage = LineageInput { kind: "FineTuneJob".into(), name: name.clone(), sha256: artifact.sha256.clone() };
+    Ok(Ok((model_from_uri(&with_digest, &artifact.uri), lineage)))
+}
+
+/// A FineTuneJob that Succeeded, or what to wait for.
+pub async fn finished_job(
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+) -> Result<std::result::Result<FineTuneJob, Plan>> {
+    let api: Api<FineTuneJob> = Api::namespaced(ctx.client.clone(), namespace);
+    let Some(job) = api.get_opt(name).await? else {
+        return Ok(Err(Plan::wait(
+            "FineTuneJobNotFound",
+            format!("FineTuneJob {name} does not exist in namespace {namespace}"),
+        )));
+    };
+    let conds = job.status.as_ref().map(|s| s.common.conditions.clone()).unwrap_or_default();
+    if conditions::is_true(&conds, FAILED) {
+        return Ok(Err(Plan::wait("FineTuneJobFailed", format!("FineTuneJob {name} Failed"))));
+    }
+    if !conditions::is_true(&conds, SUCCEEDED) {
+        return Ok(Err(Plan::wait("WaitingForFineTuneJob", format!("waiting for FineTuneJob {name} to succeed"))));
+    }
+    Ok(Ok(job))
+}
+
+/// A Dataset that is Ready, or what to wait for.
+pub async fn resolve_dataset(
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+) -> Result<std::result::Result<ResolvedDataset, Plan>> {
+    let api: Api<Dataset> = Api::namespaced(ctx.client.clone(), namespace);
+    let Some(ds) = api.get_opt(name).await? else {
+        return Ok(Err(Plan::wait(
+            "DatasetNotFound",
+            format!("Dataset {name} does not exist in namespace {namespace}"),
+        )));
+    };
+    let status = ds.status.clone().unwrap_or_default();
+    if conditions::is_true(&status.common.conditions, FAILED) {
+        return Ok(Err(Plan::wait("DatasetFailed", format!("Dataset {name} Failed"))));
+    }
+    match (&status.artifact, conditions::is_true(&status.common.conditions, READY)) {
+        (Some(artifact), true) => Ok(Ok(ResolvedDataset {
+            name: name.to_string(),
+            artifact: artifact.clone(),
+            splits: status.splits.clone(),
+        })),
+        _ => Ok(Err(Plan::wait("WaitingForDataset", format!("waiting for Dataset {name} to be Ready")))),
+    }
+}
+
+fn apis<K>(ctx: &Context) -> Vec<Api<K>>
+where
+    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
+{
+    if ctx.config.namespaces.is_empty() {
+        vec![Api::all(ctx.client.clone())]
+    } else {
+        ctx.config.namespaces.iter().map(|ns| Api::namespaced(ctx.client.clone(), ns)).collect()
+    }
+}
+
+/// The workload a worker pod belongs to, for routing its changes to a controller.
+fn pod_owner<K>(pod: &Pod, kind: &str) -> Option<ObjectRef<K>>
+where
+    K: kube::Resource<DynamicType = ()>,
+{
+    let key = WorkloadKey::parse(pod.annotations().get(WORKLOAD_ANNOTATION)?)?;
+    (key.kind == kind).then(|| ObjectRef::new(&key.name).within(&key.namespace))
+}
+
+fn trigger_stream<K>(
+    ctx: &Context,
+    kind: &str,
+    namespace: Option<&str>,
+) -> impl futures::Stream<Item = ObjectRef<K>> + Send + 'static
+where
+    K: kube::Resource<DynamicType = ()> + 'static,
+{
+    UnboundedReceiverStream::new(ctx.gateway.subscribe(kind, namespace))
+        .map(|t| ObjectRef::new(&t.name).within(&t.namespace))
+}
+
+fn owned_config(kind: &str) -> watcher::Config {
+    watcher::Config::default().labels(&format!(
+        "{}={},{}={kind}",
+        MANAGED_BY.0,
+        MANAGED_BY.1,
+        crate::workload::KIND_LABEL
+    ))
+}
+
+async fn drain<S, T, E>(stream: S, kind: &'static str)
+where
+    S: futures::Stream<Item = std::result::Result<T, E>>,
+    E: std::fmt::Display,
+{
+    stream
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(kind, error = %e, "controller event");
+            }
+        })
+        .await;
+}
+
+/// Runs every controller until the future is dropped.
+pub async fn run(ctx: Arc<Context>) {
+    // A JoinSet aborts every controller when this future is dropped (an operator stop).
+    let mut tasks = tokio::task::JoinSet::new();
+    for api in apis::<Dataset>(&ctx) {
+        let (jobs, pods) = scoped(&ctx, &api);
+        let c = Controller::new(api.clone(), watcher::Config::default())
+            .owns(jobs, owned_config("Dataset"))
+            .watches(pods, owned_config("Dataset"), |p| pod_owner::<Dataset>(&p, "Dataset"))
+            .reconcile_on(trigger_stream::<Dataset>(&ctx, "Dataset", api.namespace()));
+        let s = c.run(batch::reconcile::<Dataset>, batch::error_policy, ctx.clone());
+        tasks.spawn(drain(s, "Dataset"));
+    }
+    for api in apis::<FineTuneJob>(&ctx) {
+        let (jobs, pods) = scoped(&ctx, &api);
+        let c = Controller::new(api.clone(), watcher::Config::default());
+        let store = c.store();
+        let datasets: Api<Dataset> = same_scope(&ctx, &api);
+        let mut c = c
+            .owns(jobs, owned_config("FineTuneJob"))
+            .watches(pods, owned_config("FineTuneJob"), |p| pod_owner::<FineTuneJob>(&p, "FineTuneJob"))
+            .watches(datasets, watcher::Config::default(), move |ds: Dataset| {
+                let ns = ds.namespace();
+                store
+                    .state()
+                    .into_iter()
+                    .filter(|f| f.namespace() == ns && f.spec.dataset.name == ds.name_any())
+                    .map(|f| ObjectRef::from_obj(&*f))
+                    .collect::<Vec<_>>()
+            });
+        c = c.reconcile_on(trigger_stream::<FineTuneJob>(&ctx, "FineTuneJob", api.namespace()));
+        let s = c.run(batch::reconcile::<FineTuneJob>, batch::error_policy, ctx.clone());
+        tasks.spawn(drain(s, "FineTuneJob"));
+    }
+    for api in apis::<EvalRun>(&ctx) {
+        let (jobs, pods) = scoped(&ctx, &api);
+        let c = Controller::new(api.clone(), watcher::Config::default());
+        let (s1, s2, s3) = (c.store(), c.store(), c.store());
+        let datasets: Api<Dataset> = same_scope(&ctx, &api);
+        let tunes: Api<FineTuneJob> = same_scope(&ctx, &api);
+        let prompts: Api<PromptVersion> = same_scope(&ctx, &api);
+        let mut c = c
+            .owns(jobs, owned_config("EvalRun"))
+            .watches(pods, owned_config("EvalRun"), |p| pod_owner::<EvalRun>(&p, "EvalRun"))
+            .watches(datasets, watcher::Config::default(), move |ds: Dataset| {
+                referencing(&s1, ds.namespace(), |e| e.spec.evaluation.dataset.name == ds.name_any())
+            })
+            .watches(tunes, watcher::Config::default(), move |f: FineTuneJob| {
+                let name = f.name_any();
+                referencing(&s2, f.namespace(), |e| evalrun::references_job(&e.spec, &name))
+            })
+            .watches(prompts, watcher::Config::default(), move |p: PromptVersion| {
+                referencing(&s3, p.namespace(), |e| {
+                    e.spec.evaluation.prompt.as_ref().is_some_and(|r| r.name == p.name_any())
+                })
+            });
+        c = c.reconcile_on(trigger_stream::<EvalRun>(&ctx, "EvalRun", api.namespace()));
+        let s = c.run(batch::reconcile::<EvalRun>, batch::error_policy, ctx.clone());
+        tasks.spawn(drain(s, "EvalRun"));
+    }
+    for api in apis::<PromptVersion>(&ctx) {
+        let cms: Api<k8s_openapi::api::core::v1::ConfigMap> = same_scope(&ctx, &api);
+        let s = Controller::new(api, watcher::Config::default()).owns(cms, owned_config("PromptVersion")).run(
+            prompt::reconcile,
+            prompt::error_policy,
+            ctx.clone(),
+        );
+        tasks.spawn(drain(s, "PromptVersion"));
+    }
+    ctx.metrics.set_ready(true);
+    while tasks.join_next().await.is_some() {}
+}
+
+fn referencing<K>(
+    store: &kube::runtime::reflector::Store<K>,
+    namespace: Option<String>,
+    pred: impl Fn(&K) -> bool,
+) -> Vec<ObjectRef<K>>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + 'static,
+{
+    store
+        .state()
+        .into_iter()
+        .filter(|o| o.meta().namespace == namespace && pred(o))
+        .map(|o| ObjectRef::from_obj(&*o))
+        .collect()
+}
+
+fn same_scope<K, O>(ctx: &Context, api: &Api<K>) -> Api<O>
+where
+    K: kube::Resource,
+    O: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
+{
+    match api.namespace() {
+        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
+        None => Api::all(ctx.client.clone()),
+    }
+}
+
+fn scoped<K: kube::Resource>(ctx: &Context, api: &Api<K>) -> (Api<Job>, Api<Pod>) {
+    (same_scope(ctx, api), same_scope(ctx, api))
+}

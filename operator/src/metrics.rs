@@ -1,0 +1,237 @@
+//! Prometheus metrics of the operator (`llmops_operator_*`) and the small HTTP server
+//! that serves them with `/healthz` and `/readyz`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Label of per-kind metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    /// Dataset, FineTuneJob, EvalRun or PromptVersion.
+    pub kind: String,
+}
+
+/// Labels of the reconcile error counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    /// The kind reconciled.
+    pub kind: String,
+    /// The error's category (the event reason).
+    pub category: String,
+}
+
+/// Label of the refused-token counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabel {
+    /// missing, malformed, unknown or foreign.
+    pub reason: String,
+}
+
+/// Label of the gateway event counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabel {
+    /// phase, progress, result, failure or checkpoint.
+    pub event: String,
+}
+
+/// Every metric of the operator, registered in one registry.
+pub struct Metrics {
+    registry: Registry,
+    /// Reconciles started, by kind.
+    pub reconciles: Family<KindLabel, Counter>,
+    /// Reconciles that failed, by kind and error category.
+    pub reconcile_errors: Family<ErrorLabels, Counter>,
+    /// Reconcile durations, by kind.
+    pub reconcile_duration: Family<KindLabel, Histogram>,
+    /// Reconciles running or requested by the gateway and not yet started, by kind.
+    pub queue_depth: Family<KindLabel, Gauge>,
+    /// Status writes sent to the apiserver, by kind.
+    pub status_writes: Family<KindLabel, Counter>,
+    /// Open gateway sessions.
+    pub gateway_sessions: Gauge,
+    /// Gateway requests refused for their token, by reason.
+    pub refused_tokens: Family<RefusalLabel, Counter>,
+    /// Worker events recorded by the gateway, by event type.
+    pub gateway_events: Family<EventLabel, Counter>,
+    ready: AtomicBool,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("llmops_operator");
+        let reconciles = Family::<KindLabel, Counter>::default();
+        let reconcile_errors = Family::<ErrorLabels, Counter>::default();
+        let reconcile_duration = Family::<KindLabel, Histogram>::new_with_constructor(
+            (|| Histogram::new(exponential_buckets(0.005, 2.0, 14))) as fn() -> Histogram,
+        );
+        let queue_depth = Family::<KindLabel, Gauge>::default();
+        let status_writes = Family::<KindLabel, Counter>::default();
+        let gateway_sessions = Gauge::default();
+        let refused_tokens = Family::<RefusalLabel, Counter>::default();
+        let gateway_events = Family::<EventLabel, Counter>::default();
+        registry.register("reconcile", "Reconciles started", reconciles.clone());
+        registry.register("reconcile_errors", "Reconciles that failed, by error category", reconcile_errors.clone());
+        registry.register("reconcile_duration_seconds", "Time spent in one reconcile", reconcile_duration.clone());
+        registry.register(
+            "queue_depth",
+            "Reconciles running or requested by the gateway and not yet started",
+            queue_depth.clone(),
+        );
+        registry.register("status_writes", "Status writes sent to the apiserver", status_writes.clone());
+        registry.register("gateway_sessions", "Open worker sessions on the gateway", gateway_sessions.clone());
+        registry.register("gateway_refused_tokens", "Gateway requests refused for their token", refused_tokens.clone());
+        registry.register("gateway_events", "Worker events recorded by the gateway", gateway_events.clone());
+        // Registry adds `_total` to counters: llmops_operator_reconcile_total and so on.
+        Self {
+            registry,
+            reconciles,
+            reconcile_errors,
+            reconcile_duration,
+            queue_depth,
+            status_writes,
+            gateway_sessions,
+            refused_tokens,
+            gateway_events,
+            ready: AtomicBool::new(false),
+        }
+    }
+
+    /// The text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+
+    /// Counts a refused token.
+    pub fn refuse(&self, reason: &str) {
+        self.refused_tokens.get_or_create(&RefusalLabel { reason: reason.to_string() }).inc();
+    }
+
+    /// Total refused tokens of one reason.
+    pub fn refused(&self, reason: &str) -> u64 {
+        self.refused_tokens.get_or_create(&RefusalLabel { reason: reason.to_string() }).get()
+    }
+
+    /// Marks the operator ready (controllers and gateway started).
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    /// Whether the operator is ready.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// Starts timing a reconcile of `kind`; the guard records duration when dropped.
+    pub fn reconcile_started(self: &Arc<Self>, kind: &str) -> ReconcileTimer {
+        let label = KindLabel { kind: kind.to_string() };
+        self.reconciles.get_or_create(&label).inc();
+        self.queue_depth.get_or_create(&label).inc();
+        ReconcileTimer { metrics: self.clone(), label, start: Instant::now() }
+    }
+
+    /// Counts a failed reconcile.
+    pub fn reconcile_failed(&self, kind: &str, category: &str) {
+        self.reconcile_errors.get_or_create(&ErrorLabels { kind: kind.into(), category: category.into() }).inc();
+    }
+}
+
+/// Records a reconcile's duration when dropped.
+pub struct ReconcileTimer {
+    metrics: Arc<Metrics>,
+    label: KindLabel,
+    start: Instant,
+}
+
+impl Drop for ReconcileTimer {
+    fn drop(&mut self) {
+        self.metrics.reconcile_duration.get_or_create(&self.label).observe(self.start.elapsed().as_secs_f64());
+        self.metrics.queue_depth.get_or_create(&self.label).dec();
+    }
+}
+
+/// Serves /metrics, /healthz and /readyz on `addr` until the task is dropped.
+pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    let m = metrics.clone();
+    let r = metrics.clone();
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let m = m.clone();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        m.encode(),
+                    )
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let r = r.clone();
+                async move {
+                    if r.is_ready() { (StatusCode::OK, "ok") } else { (StatusCode::SERVICE_UNAVAILABLE, "starting") }
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    axum::serve(listener, app).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_names_carry_the_prefix() {
+        let metrics = Arc::new(Metrics::new());
+        drop(metrics.reconcile_started("Dataset"));
+        metrics.reconcile_failed("Dataset", "ApiError");
+        metrics.refuse("foreign");
+        let text = metrics.encode();
+        for name in [
+            "llmops_operator_reconcile_total",
+            "llmops_operator_reconcile_errors_total",
+            "llmops_operator_reconcile_duration_seconds",
+            "llmops_operator_queue_depth",
+            "llmops_operator_gateway_sessions",
+            "llmops_operator_gateway_refused_tokens_total",
+        ] {
+            assert!(text.contains(name), "{name} missing from\n{text}");
+        }
+        assert_eq!(metrics.refused("foreign"), 1);
+    }
+}

@@ -1,0 +1,554 @@
+//! The operator against the real control plane: each test runs its own operator
+//! in-process, watching only the test's namespace, with its gateway on a free port of
+//! 127.0.0.1. The test plays the worker over real gRPC with the token from the Secret
+//! the operator created (until `llmops-worker agent` takes that part).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::api::{Api, DeleteParams, ListParams};
+use kube::{Client, Resource, ResourceExt};
+use llmops_crds::{Dataset, EvalRun, FineTuneJob, PromptVersion};
+use llmops_operator::{Config, StoreConfig, StoreVolume};
+use llmops_proto::v1::worker_gateway_client::WorkerGatewayClient;
+use llmops_proto::v1::{self, FetchRequest, WorkerEvent, gateway_command::Command, worker_event::Event};
+use llmops_tests::{apply_manifest, eventually, namespace_with_crds, repo_root, yaml_documents};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// An operator running in this test's runtime.
+struct Operator {
+    task: tokio::task::JoinHandle<Result<()>>,
+    addr: String,
+    config: Config,
+}
+
+impl Operator {
+    async fn start(client: &Client, namespace: &str) -> Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let addr = format!("127.0.0.1:{port}");
+        let store: PathBuf = std::env::temp_dir().join(format!("llmops-store-{namespace}"));
+        let mut config = Config::new(addr.parse()?, addr.clone());
+        config.namespaces = vec![namespace.to_string()];
+        config.store = StoreConfig::Local { mount_path: store.clone(), volume: StoreVolume::HostPath(store) };
+        config.progress_interval = Duration::from_millis(200);
+        config.checkpoint_grace = Duration::from_secs(3);
+        Self::start_with(client, config).await
+    }
+
+    async fn start_with(client: &Client, config: Config) -> Result<Self> {
+        let addr = config.gateway_address.clone();
+        let task = tokio::spawn(llmops_operator::run(client.clone(), config.clone()));
+        // The gateway listens once run() has bound its port.
+        eventually("the gateway to listen", WAIT, || async {
+            Ok(tokio::net::TcpStream::connect(&addr).await.ok().map(|_| ()))
+        })
+        .await?;
+        Ok(Self { task, addr, config })
+    }
+
+    /// Stops the operator, as a crash or a rollout would.
+    async fn stop(self) -> Config {
+        self.task.abort();
+        let _ = self.task.await;
+        self.config
+    }
+
+    async fn client(&self) -> Result<WorkerGatewayClient<tonic::transport::Channel>> {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))?.connect().await?;
+        Ok(WorkerGatewayClient::new(channel))
+    }
+}
+
+fn example(name: &str) -> Result<Value> {
+    let docs = yaml_documents(&repo_root().join("examples/pipeline").join(name))?;
+    docs.into_iter().next().context("empty example")
+}
+
+async fn apply(client: &Client, ns: &str, manifest: &Value) -> Result<()> {
+    if let Err(refusal) = apply_manifest(client, ns, manifest).await? {
+        bail!("the apiserver refused the manifest: {refusal}");
+    }
+    Ok(())
+}
+
+fn workload<K: Resource<DynamicType = ()>>(obj: &K) -> v1::Workload {
+    v1::Workload {
+        namespace: obj.meta().namespace.clone().unwrap_or_default(),
+        kind: K::kind(&()).into_owned(),
+        name: obj.meta().name.clone().unwrap_or_default(),
+        uid: obj.meta().uid.clone().unwrap_or_default(),
+    }
+}
+
+fn condition<'a>(
+    conds: &'a [k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    t: &str,
+) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    conds.iter().find(|c| c.type_ == t)
+}
+
+async fn read_token(client: &Client, ns: &str, secret: &str) -> Result<String> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let s = eventually(&format!("secret {secret}"), WAIT, || async { Ok(secrets.get_opt(secret).await?) }).await?;
+    let bytes = s.data.unwrap_or_default().get("token").cloned().context("secret without token")?;
+    Ok(String::from_utf8(bytes.0)?)
+}
+
+async fn pod_of(client: &Client, ns: &str, uid: &str) -> Result<Pod> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    eventually("the worker pod", WAIT, || async {
+        Ok(pods.list(&ListParams::default().labels(&format!("llmops.dev/uid={uid}"))).await?.items.into_iter().next())
+    })
+    .await
+}
+
+fn bearer<T>(body: T, token: &str) -> Result<tonic::Request<T>> {
+    let mut r = tonic::Request::new(body);
+    r.metadata_mut().insert("authorization", format!("Bearer {token}").parse()?);
+    Ok(r)
+}
+
+/// Plays a worker: sends `events` in one session and waits for each acknowledgement.
+async fn report(
+    op: &Operator,
+    token: &str,
+    w: &v1::Workload,
+    pod: &str,
+    first_seq: u64,
+    events: Vec<Event>,
+) -> Result<()> {
+    let mut client = op.client().await?;
+    let messages: Vec<WorkerEvent> = events
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| WorkerEvent {
+            workload: Some(w.clone()),
+            pod: pod.into(),
+            seq: first_seq + i as u64,
+            time: None,
+            event: Some(e),
+        })
+        .collect();
+    let last = messages.last().map(|m| m.seq).unwrap_or(0);
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    for m in messages {
+        tx.send(m).await?;
+    }
+    let mut commands =
+        client.session(bearer(tokio_stream::wrappers::ReceiverStream::new(rx), token)?).await?.into_inner();
+    loop {
+        match commands.message().await?.and_then(|c| c.command) {
+            Some(Command::Ack(a)) if a.seq >= last => return Ok(()),
+            Some(_) => {}
+            None => bail!("the session ended before seq {last} was acknowledged"),
+        }
+    }
+}
+
+fn dataset_result(w: &v1::Workload) -> Event {
+    let manifest = serde_json::json!({
+        "sha256": "d".repeat(64),
+        "counts": {"read": 10, "invalid": 0, "written": 10, "splits": {"train": 8, "validation": 1, "test": 1}},
+        "drops": [{"index": 0, "transform": "normalize", "dropped": 0}, {"index": 1, "transform": "exactDedup", "dropped": 0}],
+    });
+    Event::Result(v1::Result {
+        artifact: Some(v1::Artifact {
+            uri: format!("store://{}/dataset/{}/{}/output/", w.namespace, w.name, w.uid),
+            sha256: "e".repeat(64),
+        }),
+        metrics: Default::default(),
+        manifest_json: manifest.to_string(),
+        passed: None,
+    })
+}
+
+/// Applies the example Dataset and plays its worker to a result.
+async fn ready_dataset(client: &Client, ns: &str, op: &Operator) -> Result<Dataset> {
+    apply(client, ns, &example("dataset.yaml")?).await?;
+    let api: Api<Dataset> = Api::namespaced(client.clone(), ns);
+    let ds = api.get("acme-facts").await?;
+    let uid = ds.uid().context("uid")?;
+    let token = read_token(client, ns, "acme-facts-prepare-token").await?;
+    let pod = pod_of(client, ns, &uid).await?;
+    report(op, &token, &workload(&ds), &pod.name_any(), 1, vec![dataset_result(&workload(&ds))]).await?;
+    Ok(api.get("acme-facts").await?)
+}
+
+#[tokio::test]
+async fn dataset_becomes_a_job_and_its_result_comes_from_the_gateway() -> Result<()> {
+    let (client, ns) = namespace_with_crds("op-dataset").await?;
+    let op = Operator::start(&client, &ns.name).await?;
+    apply(&client, &ns.name, &example("dataset.yaml")?).await?;
+    let datasets: Api<Dataset> = Api::namespaced(client.clone(), &ns.name);
+    let ds = datasets.get("acme-facts").await?;
+    let uid = ds.uid().context("uid")?;
+
+    // The owned Job, its pod spec and the token Secret.
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns.name);
+    let job = eventually("the Job", WAIT, || async { Ok(jobs.get_opt("acme-facts-prepare").await?) }).await?;
+    let owner = job.owner_references().first().cloned().context("owner reference")?;
+    assert_eq!((owner.kind.as_str(), owner.uid.as_str(), owner.controller), ("Dataset", uid.as_str(), Some(true)));
+    let spec = job.spec.clone().context("job spec")?;
+    assert_eq!(spec.backoff_limit, Some(3));
+    let pod_spec = spec.template.spec.context("pod spec")?;
+    let c = &pod_spec.containers[0];
+    assert_eq!(c.command.clone().unwrap_or_default(), ["llmops-worker", "agent"]);
+    let env: BTreeMap<String, Option<String>> =
+        c.env.clone().unwrap_or_default().into_iter().map(|e| (e.name, e.value)).collect();
+    assert_eq!(env["LLMOPS_GATEWAY"].as_deref(), Some(op.addr.as_str()));
+    assert_eq!(env["LLMOPS_WORKLOAD"].clone(), Some(format!("{}/Dataset/acme-facts/{uid}", ns.name)));
+    assert_eq!(env["LLMOPS_TOKEN_FILE"].as_deref(), Some("/var/run/secrets/llmops/token"));
+    assert_eq!(env["NVIDIA_VISIBLE_DEVICES"].as_deref(), Some("void"));
+    assert!(env.contains_key("LLMOPS_POD"));
+    let limits = c.resources.clone().and_then(|r| r.limits).unwrap_or_default();
+    assert_eq!(limits.get("cpu").map(|q| q.0.as_str()), Some("1"));
+    assert!(!limits.contains_key("nvidia.com/gpu"));
+    let token = read_token(&client, &ns.name, "acme-facts-prepare-token").await?;
+    let secret: Secret = Api::namespaced(client.clone(), &ns.name).get("acme-facts-prepare-token").await?;
+    assert_eq!(secret.owner_references().first().map(|o| o.uid.clone()), Some(uid.clone()));
+
+    let pod = pod_of(&client, &ns.name, &uid).await?;
+    eventually("the Running condition", WAIT, || async {
+        let ds = datasets.get("acme-facts").await?;
+        let conds = ds.status.map(|s| s.common.conditions).unwrap_or_default();
+        Ok(condition(&conds, "Ready").filter(|c| c.reason == "Running").map(|_| ()))
+    })
+    .await?;
+
+    // The worker's side: fetch the Assignment, report progress and the result.
+    let mut gw = op.client().await?;
+    let fetched = gw
+        .fetch(bearer(
+            FetchRequest { workload: Some(workload(&ds)), pod: pod.name_any(), worker_version: "test".into() },
+            &token,
+        )?)
+        .await?
+        .into_inner();
+    let Some(v1::assignment::Mode::Prepare(prepare)) = fetched.assignment.and_then(|a| a.mode) else {
+        bail!("no prepare assignment")
+    };
+    assert_eq!(prepare.output.map(|o| o.uri), Some(format!("store://{}/dataset/acme-facts/{uid}/output/", ns.name)));
+    let progress = Event::Progress(v1::Progress {
+        step: 4,
+        total_steps: 10,
+        metrics: [("records".to_string(), 4.0)].into(),
+        message: "reading".into(),
+        ..Default::default()
+    });
+    report(&op, &token, &workload(&ds), &pod.name_any(), 1, vec![progress]).await?;
+    eventually("progress in the condition", WAIT, || async {
+        let ds = datasets.get("acme-facts").await?;
+        let conds = ds.status.map(|s| s.common.conditions).unwrap_or_default();
+        Ok(condition(&conds, "Ready").filter(|c| c.message.contains("step 4/10")).map(|_| ()))
+    })
+    .await?;
+    report(&op, &token, &workload(&ds), &pod.name_any(), 2, vec![dataset_result(&workload(&ds))]).await?;
+    let ds = datasets.get("acme-facts").await?;
+    let status = ds.status.context("status")?;
+    assert_eq!(status.artifact.map(|a| a.sha256), Some("e".repeat(64)), "the result is in status once acknowledged");
+    assert!(condition(&status.common.conditions, "Ready").is_some_and(|c| c.status == "True"));
+    assert!(condition(&status.common.conditions, "Succeeded").is_some_and(|c| c.status == "True"));
+    assert_eq!(status.records.map(|r| r.output), Some(10));
+    assert_eq!(status.splits.map(|s| s.train), Some(8));
+    assert_eq!(status.common.observed_generation, ds.metadata.generation);
+
+    // Delete: the Job and the Secret go with the Dataset (garbage collection).
+    datasets.delete("acme-facts", &DeleteParams::foreground()).await?;
+    eventually("the Job and Secret to be collected", WAIT, || async {
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+        let gone = jobs.get_opt("acme-facts-prepare").await?.is_none()
+            && secrets.get_opt("acme-facts-prepare-token").await?.is_none();
+        Ok(gone.then_some(()))
+    })
+    .await?;
+    op.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn wrong_and_foreign_tokens_are_refused() -> Result<()> {
+    let (client, ns) = namespace_with_crds("op-tokens").await?;
+    let op = Operator::start(&client, &ns.name).await?;
+    let mut second = example("dataset.yaml")?;
+    second["metadata"]["name"] = "other".into();
+    apply(&client, &ns.name, &example("dataset.yaml")?).await?;
+    apply(&client, &ns.name, &second).await?;
+    let datasets: Api<Dataset> = Api::namespaced(client.clone(), &ns.name);
+    let ds = datasets.get("acme-facts").await?;
+    let own = read_token(&client, &ns.name, "acme-facts-prepare-token").await?;
+    let foreign = read_token(&client, &ns.name, "other-prepare-token").await?;
+    let request = || FetchRequest { workload: Some(workload(&ds)), pod: "p".into(), worker_version: "test".into() };
+    let mut gw = op.client().await?;
+    eventually("the assignment", WAIT, || async {
+        Ok(op.client().await?.fetch(bearer(request(), &own)?).await.ok().map(|_| ()))
+    })
+    .await?;
+    let wrong = gw.fetch(bearer(request(), "0123456789abcdef")?).await.expect_err("a wrong token is refused");
+    assert_eq!(wrong.code(), tonic::Code::Unauthenticated);
+    let foreign = gw.fetch(bearer(request(), &foreign)?).await.expect_err("a foreign token is refused");
+    assert_eq!(foreign.code(), tonic::Code::PermissionDenied);
+    let missing = gw.fetch(tonic::Request::new(request())).await.expect_err("no token is refused");
+    assert_eq!(missing.code(), tonic::Code::Unauthenticated);
+    op.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_failing_worker_shows_its_reason() -> Result<()> {
+    let (client, ns) = namespace_with_crds("op-failure").await?;
+    let op = Operator::start(&client, &ns.name).await?;
+    apply(&client, &ns.name, &example("dataset.yaml")?).await?;
+    let datasets: Api<Dataset> = Api::namespaced(client.clone(), &ns.name);
+    let ds = datasets.get("acme-facts").await?;
+    let token = read_token(&client, &ns.name, "acme-facts-prepare-token").await?;
+    let pod = pod_of(&client, &ns.name, &ds.uid().context("uid")?).await?;
+    let failure = Event::Failure(v1::Failure {
+        reason: "NoRecords".into(),
+        message: "none of the 10 rows could be read as completion records".into(),
+        retryable: false,
+    });
+    report(&op, &token, &workload(&ds), &pod.name_any(), 1, vec![failure]).await?;
+    let status = datasets.get("acme-facts").await?.status.context("status")?;
+    let failed = condition(&status.common.conditions, "Failed").context("Failed condition")?;
+    assert_eq!((failed.status.as_str(), failed.reason.as_str()), ("True", "NoRecords"));
+    assert!(failed.message.contains("could be read as completion records"), "{}", failed.message);
+    assert_eq!(status.common.phase.as_deref(), Some("Failed"));
+    op.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn finetune_waits_for_its_dataset_then_runs_on_a_gpu_node() -> Result<()> {
+    let (client, ns) = namespace_with_crds("op-finetune").await?;
+    let op = Operator::start(&client, &ns.name).await?;
+    let mut ftj = example("finetunejob.yaml")?;
+    ftj["spec"]["resources"] = serde_json::json!({"gpus": 1, "cpu": "2", "memory": "6Gi"});
+    apply(&client, &ns.name, &ftj).await?;
+    let tunes: Api<FineTuneJob> = Api::namespaced(client.clone(), &ns.name);
+    eventually("the job to wait for its Dataset", WAIT, || async {
+        let conds = tunes.get("acme-facts-lora").await?.status.map(|s| s.common.conditions).unwrap_or_default();
+        Ok(condition(&conds, "Ready").filter(|c| c.reason == "DatasetNotFound").map(|_| ()))
+    })
+    .await?;
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns.name);
+    assert!(jobs.get_opt("acme-facts-lora-finetune").await?.is_none(), "no Job before the Dataset is Ready");
+
+    let ds = ready_dataset(&client, &ns.name, &op).await?;
+    let job =
+        eventually("the FineTuneJob's Job", WAIT, || async { Ok(jobs.get_opt("acme-facts-lora-finetune").await?) })
+            .await?;
+    let container = job.spec.and_then(|s| s.template.spec).map(|p| p.containers[0].clone()).context("container")?;
+    let limits = container.resources.and_then(|r| r.limits).unwrap_or_default();
+    assert_eq!(limits.get("nvidia.com/gpu").map(|q| q.0.as_str()), Some("1"));
+    let tune = tunes.get("acme-facts-lora").await?;
+    let pod = pod_of(&client, &ns.name, &tune.uid().context("uid")?).await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let node = eventually("the pod to be scheduled", WAIT, || async {
+        Ok(pods.get(&pod.name_any()).await?.spec.and_then(|s| s.node_name))
+    })
+    .await?;
+    assert!(node.starts_with("gpu-node-"), "scheduled onto {node}");
+
+    // The pinned Dataset digest is in the Assignment and the lineage.
+    let token = read_token(&client, &ns.name, "acme-facts-lora-finetune-token").await?;
+    let fetched = op
+        .client()
+        .await?
+        .fetch(bearer(
+            FetchRequest { workload: Some(workload(&tune)), pod: pod.name_any(), worker_version: "t".into() },
+            &token,
+        )?)
+        .await?
+        .into_inner();
+    let Some(v1::assignment::Mode::Finetune(f)) = fetched.assignment.and_then(|a| a.mode) else {
+        bail!("no finetune assignment")
+    };
+    let ds_uri = ds.status.and_then(|s| s.artifact).map(|a| a.uri).context("dataset artifact")?;
+    assert_eq!(f.train.map(|t| t.uri), Some(format!("{ds_uri}train.parquet")));
+    assert!(f.checkpoints.is_some_and(|c| c.resume));
+    let progress = Event::Progress(v1::Progress {
+        step: 40,
+        total_steps: 120,
+        epoch: 2.0,
+        metrics: [("loss".to_string(), 1.25), ("tokens_per_second".to_string(), 900.0)].into(),
+        eta_seconds: 90.0,
+        ..Default::default()
+    });
+    report(&op, &token, &workload(&tune), &pod.name_any(), 1, vec![progress]).await?;
+    let status = eventually("training figures in status", WAIT, || async {
+        let s = tunes.get("acme-facts-lora").await?.status.unwrap_or_default();
+        Ok((s.progress.as_deref() == Some("40/120")).then_some(s))
+    })
+    .await?;
+    assert_eq!(status.loss, Some(1.25));
+    assert_eq!(status.eta.as_deref(), Some("1m30s"));
+    let lineage = status.lineage.context("lineage")?;
+    assert!(lineage.inputs.iter().any(|i| i.kind == "Dataset" && i.sha256 == "e".repeat(64)));
+
+    // Deletion goes through the finalizer; the owned objects are collected.
+    tunes.delete("acme-facts-lora", &DeleteParams::background()).await?;
+    eventually("the FineTuneJob and its Job to go", WAIT, || async {
+        let gone = tunes.get_opt("acme-facts-lora").await?.is_none()
+            && jobs.get_opt("acme-facts-lora-finetune").await?.is_none();
+        Ok(gone.then_some(()))
+    })
+    .await?;
+    op.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_unschedulable_finetune_shows_the_schedulers_message() -> Result<()> {
+    let (client, ns) = namespace_with_crds("op-unschedulable").await?;
+    let op = Operator::start(&client, &ns.name).await?;
+    ready_dataset(&client, &ns.name, &op).await?;
+    // gpus is at most 1 (CEL), so ask for a GPU model no node has.
+    let mut ftj = example("finetunejob.yaml")?;
+    ftj["spec"]["resources"] =
+        serde_json::json!({"gpus": 1, "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-B200"}});
+    apply(&client, &ns.name, &ftj).await?;
+    let tunes: Api<FineTuneJob> = Api::namespaced(client.clone(), &ns.name);
+    let ready = eventually("the Unschedulable condition", WAIT, || async {
+        let conds = tunes.get("acme-facts-lora").await?.status.map(|s| s.common.conditions).unwrap_or_default();
+        Ok(condition(&conds, "Ready").filter(|c| c.reason == "Unschedulable").cloned())
+    })
+    .await?;
+    assert!(ready.message.contains("node affinity/selector"), "{}", ready.message);
+    op.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_operator_restart_mid_job_continues_without_duplicates() -> Result<()> {
+    let (client, ns) = namespace_with_crds("op-restart").await?;
+    let op = Operator::start(&client, &ns.name).await?;
+    apply(&client, &ns.name, &example("dataset.yaml")?).await?;
+    let datasets: Api<Dataset> = Api::namespaced(client.clone(), &ns.name);
+    let ds = datasets.get("acme-facts").await?;
+    let uid = ds.uid().context("uid")?;
+    let token_before = read_token(&client, &ns.name, "acme-facts-prepare-token").await?;
+    let pod = pod_of(&client, &ns.name, &uid).await?;
+    let progress = Event::Progress(v1::Progress { step: 1, total_steps: 4, ..Default::default() });
+    report(&op, &token_before, &workload(&ds), &pod.name_any(), 1, vec![progress]).await?;
+
+    let config = op.stop().await;
+    let op = Operator::start_with(&client, config).await?;
+    let token_after = read_token(&client, &ns.name, "acme-facts-prepare-token").await?;
+    assert_eq!(token_before, token_after, "the token survives a restart");
+    let progress = Event::Progress(v1::Progress { step: 3, total_steps: 4, ..Default::default() });
+    eventually("the restarted gateway to know the workload", WAIT, || async {
+        Ok(report(&op, &token_after, &workload(&ds), &pod.name_any(), 2, vec![progress.clone()]).await.ok())
+    })
+    .await?;
+    eventually("progress after the restart", WAIT, || async {
+        let conds = datasets.get("acme-facts").await?.status.map(|s| s.common.conditions).unwrap_or_default();
+        Ok(condition(&conds, "Ready").filter(|c| c.message.contains("step 3/4")).map(|_| ()))
+    })
+    .await?;
+    report(&op, &token_after, &workload(&ds), &pod.name_any(), 3, vec![dataset_result(&workload(&ds))]).await?;
+    let status = datasets.get("acme-facts").await?.status.context("status")?;
+    assert!(condition(&status.common.conditions, "Succeeded").is_some_and(|c| c.status == "True"));
+
+    let selector = ListParams::default().labels(&format!("llmops.dev/uid={uid}"));
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns.name);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    assert_eq!(jobs.list(&selector).await?.items.len(), 1, "one Job");
+    assert_eq!(secrets.list(&selector).await?.items.len(), 1, "one token Secret");
+    assert_eq!(pods.list(&selector).await?.items.len(), 1, "one pod");
+    op.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_pipeline_applied_in_reverse_order_converges() -> Result<()> {
+    let (client, ns) = namespace_with_crds("op-pipeline").await?;
+    let op = Operator::start(&client, &ns.name).await?;
+    for file in ["evalrun.yaml", "finetunejob.yaml", "promptversion.yaml"] {
+        apply(&client, &ns.name, &example(file)?).await?;
+    }
+    let evals: Api<EvalRun> = Api::namespaced(client.clone(), &ns.name);
+    eventually("the EvalRun to wait", WAIT, || async {
+        let conds = evals.get("acme-facts-lora-eval").await?.status.map(|s| s.common.conditions).unwrap_or_default();
+        Ok(condition(&conds, "Ready")
+            .filter(|c| c.reason.starts_with("WaitingFor") || c.reason.ends_with("NotFound"))
+            .map(|_| ()))
+    })
+    .await?;
+    let prompts: Api<PromptVersion> = Api::namespaced(client.clone(), &ns.name);
+    let pv = eventually("the PromptVersion to be Ready", WAIT, || async {
+        let p = prompts.get("acme-support-v1").await?;
+        let ready = p
+            .status
+            .as_ref()
+            .is_some_and(|s| condition(&s.common.conditions, "Ready").is_some_and(|c| c.status == "True"));
+        Ok(ready.then_some(p))
+    })
+    .await?;
+    let digest = pv.status.and_then(|s| s.digest).context("digest")?;
+
+    ready_dataset(&client, &ns.name, &op).await?;
+    let tunes: Api<FineTuneJob> = Api::namespaced(client.clone(), &ns.name);
+    let tune = tunes.get("acme-facts-lora").await?;
+    let token = read_token(&client, &ns.name, "acme-facts-lora-finetune-token").await?;
+    let pod = pod_of(&client, &ns.name, &tune.uid().context("uid")?).await?;
+    let w = workload(&tune);
+    let result = Event::Result(v1::Result {
+        artifact: Some(v1::Artifact {
+            uri: format!("store://{}/finetunejob/{}/{}/output/", w.namespace, w.name, w.uid),
+            sha256: "f".repeat(64),
+        }),
+        metrics: [("loss".to_string(), 0.5)].into(),
+        manifest_json: "{}".into(),
+        passed: None,
+    });
+    report(&op, &token, &w, &pod.name_any(), 1, vec![result]).await?;
+
+    // The EvalRun now runs with the adapter, the dataset split and the prompt resolved.
+    let run = evals.get("acme-facts-lora-eval").await?;
+    let token = read_token(&client, &ns.name, "acme-facts-lora-eval-eval-token").await?;
+    let pod = pod_of(&client, &ns.name, &run.uid().context("uid")?).await?;
+    let fetched = op
+        .client()
+        .await?
+        .fetch(bearer(
+            FetchRequest { workload: Some(workload(&run)), pod: pod.name_any(), worker_version: "t".into() },
+            &token,
+        )?)
+        .await?
+        .into_inner();
+    let Some(v1::assignment::Mode::Eval(e)) = fetched.assignment.and_then(|a| a.mode) else {
+        bail!("no eval assignment")
+    };
+    assert_eq!(e.prompt.map(|p| p.sha256), Some(digest));
+    let Some(v1::eval_target::Target::Local(local)) = e.target.and_then(|t| t.target) else { bail!("no local target") };
+    assert_eq!(local.adapter.map(|a| a.sha256), Some("f".repeat(64)));
+    let results = serde_json::json!({
+        "passed": true, "samples": 8, "errors": 0,
+        "metrics": [{"metric": "rougeL", "value": 0.62}],
+        "thresholds": [{"metric": "rougeL", "value": 0.62, "passed": true}],
+    });
+    let w = workload(&run);
+    let result = Event::Result(v1::Result {
+        artifact: Some(v1::Artifact {
+            uri: format!("store://{}/evalrun/{}/{}/output/", w.namespace, w.name, w.uid),
+            sha256: "a".repeat(64),
+        }),
+        metrics: [("rougeL".to_string(), 0.62)].into(),
+        manifest_json: results.to_string(),
+        passed: Some(true),
+    });
+    report(&op, &token, &w, &pod.name_any(), 1, vec![result]).await?;
+    let status = evals.get("acme-facts-lora-eval").await?.status.context("status")?;
+    let passed = condition(&status.common.conditions, "Passed").context("Passed")?;
+    assert_eq!(passed.status, "True");
+    assert_eq!(status.metrics.first().map(|m| m.value), Some(0.62));
+    op.stop().await;
+    Ok(())
+}
