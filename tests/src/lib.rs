@@ -220,3 +220,33 @@ pub async fn apply_manifest(
         Err(other) => Err(other.into()),
     }
 }
+
+/// Path of SmolLM2-135M-Instruct (Q4_1 GGUF): `LLMOPS_TEST_MODEL`, or what
+/// scripts/fetch-test-model prints (it downloads the model once into the cache).
+pub fn test_model() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("LLMOPS_TEST_MODEL") {
+        return Ok(PathBuf::from(p));
+    }
+    let script = repo_root().join("scripts/fetch-test-model");
+    let out = std::process::Command::new(&script)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    if !out.status.success() {
+        bail!("{} failed with {}", script.display(), out.status);
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    Ok(PathBuf::from(stdout.lines().last().unwrap_or_default().trim()))
+}
+
+/// The `llmops-worker` binary built beside this test binary (`cargo test --workspace`
+/// builds it; `cargo build -p llmops-worker` does too).
+pub fn worker_binary() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().and_then(Path::parent).context("the test binary has no target directory")?;
+    let worker = dir.join("llmops-worker");
+    if !worker.is_file() {
+        bail!("{} is missing; build it with `cargo build -p llmops-worker`", worker.display());
+    }
+    Ok(worker)
+}

@@ -30,6 +30,10 @@ struct Operator {
 
 impl Operator {
     async fn start(client: &Client, namespace: &str) -> Result<Self> {
+        Self::start_configured(client, namespace, |_| {}).await
+    }
+
+    async fn start_configured(client: &Client, namespace: &str, adjust: impl FnOnce(&mut Config)) -> Result<Self> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let addr = format!("127.0.0.1:{port}");
         let store: PathBuf = std::env::temp_dir().join(format!("llmops-store-{namespace}"));
@@ -38,6 +42,7 @@ impl Operator {
         config.store = StoreConfig::Local { mount_path: store.clone(), volume: StoreVolume::HostPath(store) };
         config.progress_interval = Duration::from_millis(200);
         config.checkpoint_grace = Duration::from_secs(3);
+        adjust(&mut config);
         Self::start_with(client, config).await
     }
 
@@ -549,6 +554,241 @@ async fn the_pipeline_applied_in_reverse_order_converges() -> Result<()> {
     let passed = condition(&status.common.conditions, "Passed").context("Passed")?;
     assert_eq!(passed.status, "True");
     assert_eq!(status.metrics.first().map(|m| m.value), Some(0.62));
+    op.stop().await;
+    Ok(())
+}
+
+/// A real `llmops-worker agent` process with the env of a worker pod, started the way a
+/// kubelet would start the pod's container: env values from the pod spec, the pod name
+/// from the downward API, the token file from the Secret volume.
+struct Agent {
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl Agent {
+    async fn start(client: &Client, ns: &str, pod: &Pod, secret: &str) -> Result<Self> {
+        let token = read_token(client, ns, secret).await?;
+        let dir = std::env::temp_dir().join(format!("llmops-agent-{ns}-{}", pod.name_any()));
+        std::fs::create_dir_all(&dir)?;
+        let token_file = dir.join("token");
+        std::fs::write(&token_file, token)?;
+        let container = pod.spec.as_ref().map(|s| s.containers[0].clone()).context("pod without container")?;
+        let mut command = std::process::Command::new(llmops_tests::worker_binary()?);
+        command.arg("agent").env_clear().env("PATH", std::env::var_os("PATH").unwrap_or_default());
+        for e in container.env.unwrap_or_default() {
+            if let Some(value) = e.value {
+                command.env(&e.name, value);
+            }
+        }
+        let log = dir.join("agent.log");
+        command
+            .env("LLMOPS_POD", pod.name_any())
+            .env("LLMOPS_TOKEN_FILE", &token_file)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log)?);
+        Ok(Self { child: command.spawn()?, log })
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, as the kubelet sends when the pod is deleted.
+    fn terminate(&self) -> Result<()> {
+        let status = std::process::Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status()?;
+        if !status.success() {
+            bail!("kill -TERM failed");
+        }
+        Ok(())
+    }
+
+    async fn exited(&mut self) -> Result<std::process::ExitStatus> {
+        let log = self.log.clone();
+        let child = &mut self.child;
+        eventually("the agent to exit", Duration::from_secs(120), || {
+            let polled = child.try_wait();
+            let log = log.clone();
+            async move {
+                polled.map_err(anyhow::Error::from).with_context(|| std::fs::read_to_string(log).unwrap_or_default())
+            }
+        })
+        .await
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn scrape(addr: &std::net::SocketAddr) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await?;
+    Ok(text)
+}
+
+fn store_of(config: &Config) -> Result<PathBuf> {
+    match &config.store {
+        StoreConfig::Local { mount_path, .. } => Ok(mount_path.clone()),
+        StoreConfig::S3 { .. } => bail!("the test store is local"),
+    }
+}
+
+/// Runs the Dataset's worker pod with a real agent to its end.
+async fn prepare_with_agent(client: &Client, ns: &str) -> Result<(Dataset, Agent)> {
+    apply(client, ns, &example("dataset.yaml")?).await?;
+    let datasets: Api<Dataset> = Api::namespaced(client.clone(), ns);
+    let uid = datasets.get("acme-facts").await?.uid().context("uid")?;
+    let pod = pod_of(client, ns, &uid).await?;
+    let mut agent = Agent::start(client, ns, &pod, "acme-facts-prepare-token").await?;
+    let exit = agent.exited().await?;
+    if !exit.success() {
+        bail!("the agent exited with {exit}:\n{}", agent.log_text());
+    }
+    Ok((datasets.get("acme-facts").await?, agent))
+}
+
+#[tokio::test]
+async fn a_real_agent_prepares_the_dataset_and_its_digest_reaches_the_status() -> Result<()> {
+    let (client, ns) = namespace_with_crds("op-agent").await?;
+    let metrics: std::net::SocketAddr =
+        format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()).parse()?;
+    let op = Operator::start_configured(&client, &ns.name, |c| c.metrics_listen = Some(metrics)).await?;
+    let (ds, agent) = prepare_with_agent(&client, &ns.name).await?;
+    let status = ds.status.clone().context("status")?;
+    assert!(
+        condition(&status.common.conditions, "Succeeded").is_some_and(|c| c.status == "True"),
+        "{:?}\n{}",
+        status.common.conditions,
+        agent.log_text()
+    );
+    let uid = ds.uid().context("uid")?;
+    let out = store_of(&op.config)?.join(&ns.name).join("dataset/acme-facts").join(&uid).join("output");
+    let manifest_sha = llmops_worker::store::file_sha256(&out.join("manifest.json"))?;
+    let artifact = status.artifact.context("artifact")?;
+    assert_eq!(artifact.sha256, manifest_sha, "the status pins the manifest the worker wrote");
+    assert_eq!(artifact.uri, format!("store://{}/dataset/acme-facts/{uid}/output/", ns.name));
+    let manifest: Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json"))?)?;
+    assert_eq!(status.records.map(|r| r.input), manifest["counts"]["read"].as_i64());
+    assert!(out.join("train.parquet").is_file());
+    // The agent's progress went through the gateway.
+    let text = scrape(&metrics).await?;
+    let progress = text
+        .lines()
+        .find(|l| l.contains("gateway_events_total") && l.contains("event=\"progress\""))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(progress >= 1.0, "no progress event was recorded:\n{text}");
+    op.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn suspending_a_finetune_checkpoints_and_the_next_pod_resumes() -> Result<()> {
+    let (client, ns) = namespace_with_crds("op-suspend").await?;
+    let op = Operator::start(&client, &ns.name).await?;
+    let store = store_of(&op.config)?;
+    prepare_with_agent(&client, &ns.name).await?;
+    let smol =
+        llmops_worker::engine::load(&llmops_tests::test_model()?, &candle_core::Device::Cpu, Default::default())?;
+    llmops_worker::engine::tiny::write_tiny_llama(&store.join("imports/tiny"), &smol, 3)?;
+    let mut ftj = example("finetunejob.yaml")?;
+    ftj["spec"]["model"] = serde_json::json!({"uri": "store://imports/tiny/", "format": "hf"});
+    ftj["spec"]["dataset"] = serde_json::json!({"name": "acme-facts"});
+    ftj["spec"]["hyperparameters"] =
+        serde_json::json!({"epochs": 1000, "maxSteps": 600, "batchSize": 2, "learningRate": 0.001, "maxSeqLength": 64});
+    ftj["spec"]["checkpoints"] = serde_json::json!({"intervalSteps": 100000});
+    apply(&client, &ns.name, &ftj).await?;
+    let tunes: Api<FineTuneJob> = Api::namespaced(client.clone(), &ns.name);
+    let uid = eventually("the FineTuneJob", WAIT, || async { Ok(tunes.get_opt("acme-facts-lora").await?) })
+        .await?
+        .uid()
+        .context("uid")?;
+    let first_pod = pod_of(&client, &ns.name, &uid).await?;
+    let mut first = Agent::start(&client, &ns.name, &first_pod, "acme-facts-lora-finetune-token").await?;
+    eventually("training progress in status", WAIT, || async {
+        let s = tunes.get("acme-facts-lora").await?.status.unwrap_or_default();
+        let step: u64 =
+            s.progress.as_deref().and_then(|p| p.split('/').next()).and_then(|n| n.parse().ok()).unwrap_or(0);
+        Ok((step >= 3).then_some(()))
+    })
+    .await
+    .with_context(|| first.log_text())?;
+
+    // Suspend: the worker writes a checkpoint and stops; the Job is suspended.
+    let patch = serde_json::json!({"spec": {"suspend": true}});
+    tunes.patch("acme-facts-lora", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await?;
+    let checkpoints = store.join(&ns.name).join("finetunejob/acme-facts-lora").join(&uid).join("checkpoints");
+    let sealed = |dir: &std::path::Path| -> Vec<u64> {
+        let mut steps: Vec<u64> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.path().join("COMPLETE.json").is_file())
+            .filter_map(|e| e.file_name().to_string_lossy().strip_prefix("step-").and_then(|n| n.parse().ok()))
+            .collect();
+        steps.sort();
+        steps
+    };
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns.name);
+    eventually("the Job to be suspended", WAIT, || async {
+        let job = jobs.get("acme-facts-lora-finetune").await?;
+        Ok(job.spec.and_then(|s| s.suspend).filter(|s| *s).map(|_| ()))
+    })
+    .await
+    .with_context(|| first.log_text())?;
+    let stopped_at =
+        *sealed(&checkpoints).last().with_context(|| format!("no checkpoint written:\n{}", first.log_text()))?;
+    assert!(stopped_at < 600, "the run stopped early, at step {stopped_at}");
+    first.terminate()?;
+    assert!(first.exited().await?.success(), "{}", first.log_text());
+    let status = tunes.get("acme-facts-lora").await?.status.context("status")?;
+    let ready = condition(&status.common.conditions, "Ready").context("Ready")?;
+    assert_eq!(ready.reason, "Suspended", "{ready:?}");
+
+    // Resume: a new pod continues from the checkpoint.
+    let patch = serde_json::json!({"spec": {"suspend": false}});
+    tunes.patch("acme-facts-lora", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let second_pod = eventually("a new worker pod", WAIT, || async {
+        let list = pods.list(&ListParams::default().labels(&format!("llmops.dev/uid={uid}"))).await?;
+        Ok(list
+            .items
+            .into_iter()
+            .find(|p| p.name_any() != first_pod.name_any() && p.metadata.deletion_timestamp.is_none()))
+    })
+    .await?;
+    let mut second = Agent::start(&client, &ns.name, &second_pod, "acme-facts-lora-finetune-token").await?;
+    eventually("training to continue past the checkpoint", WAIT, || async {
+        let s = tunes.get("acme-facts-lora").await?.status.unwrap_or_default();
+        let step: u64 =
+            s.progress.as_deref().and_then(|p| p.split('/').next()).and_then(|n| n.parse().ok()).unwrap_or(0);
+        Ok((step > stopped_at).then_some(()))
+    })
+    .await
+    .with_context(|| second.log_text())?;
+    let log = second.log_text();
+    assert!(log.contains("resuming") && log.contains(&format!("step={stopped_at}")), "{log}");
+
+    // Deletion goes through the finalizer: one more checkpoint, then the object goes.
+    tunes.delete("acme-facts-lora", &DeleteParams::background()).await?;
+    eventually("the FineTuneJob to go", WAIT, || async {
+        Ok(tunes.get_opt("acme-facts-lora").await?.is_none().then_some(()))
+    })
+    .await
+    .with_context(|| second.log_text())?;
+    let last = *sealed(&checkpoints).last().context("checkpoints")?;
+    assert!(last > stopped_at, "deletion wrote a checkpoint after the resumed steps ({last} <= {stopped_at})");
+    second.terminate()?;
+    second.exited().await?;
     op.stop().await;
     Ok(())
 }

@@ -37,6 +37,9 @@ enum ModeCommand {
     Serve(ServeArgs),
     /// Measure prompt and decode speed, beside llama.cpp on the same model.
     Bench(llmops_worker::bench::BenchArgs),
+    /// In a pod: fetch the Assignment from the operator's gateway, run it and report.
+    /// Reads LLMOPS_GATEWAY, LLMOPS_WORKLOAD, LLMOPS_TOKEN_FILE and LLMOPS_POD.
+    Agent,
 }
 
 #[derive(Args, Debug)]
@@ -589,6 +592,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             llmops_worker::bench::run(a)?;
             return Ok(ExitCode::SUCCESS);
         }
+        ModeCommand::Agent => return llmops_worker::agent::run(),
     };
     if let Err(errors) = assignment.validate() {
         bail!("invalid assignment:\n{}", describe(&errors));

@@ -1,6 +1,7 @@
 //! The llmops worker library: the engine and the modes.
 #![deny(unsafe_code)]
 
+pub mod agent;
 pub mod bench;
 pub mod engine;
 pub mod eval;

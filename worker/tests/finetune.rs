@@ -5,75 +5,20 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use serde_json::{Value, json};
 
 use common::scratch;
 
-/// An HF directory with a tiny Llama (2 layers, width 64) of random weights, SmolLM2's
-/// tokenizer and chat template.
+/// An HF directory with a tiny Llama (2 layers, width 64) of seeded random weights,
+/// SmolLM2's tokenizer and chat template.
 fn tiny_llama(dir: &Path) -> PathBuf {
-    let model_dir = dir.join("tiny");
-    std::fs::create_dir_all(&model_dir).expect("dir");
     let smol = llmops_worker::engine::load(&common::test_model(), &Device::Cpu, Default::default()).expect("loads");
-    smol.tokenizer.save(&model_dir.join("tokenizer.json")).expect("tokenizer");
-    let template = smol.chat_template.clone().expect("template");
-    std::fs::write(
-        model_dir.join("tokenizer_config.json"),
-        json!({"chat_template": template, "add_bos_token": false}).to_string(),
-    )
-    .expect("writes");
-    let (hidden, inter, layers, heads, kv, head_dim, vocab) = (64, 128, 2, 4, 2, 16, 49152);
-    std::fs::write(
-        model_dir.join("config.json"),
-        json!({
-            "model_type": "llama", "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
-            "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": head_dim, "rms_norm_eps": 1e-5,
-            "rope_theta": 10000.0, "max_position_embeddings": 512, "vocab_size": vocab, "tie_word_embeddings": true,
-            "bos_token_id": 1, "eos_token_id": 2
-        })
-        .to_string(),
-    )
-    .expect("writes");
-    // Seeded weights so every run of the test trains the same model.
-    let mut state = 7u64;
-    let mut randn = |shape: (usize, usize), std: f32| -> Tensor {
-        let values: Vec<f32> = (0..shape.0 * shape.1)
-            .map(|_| {
-                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * std * 1.7
-            })
-            .collect();
-        Tensor::from_vec(values, shape, &Device::Cpu).expect("tensor")
-    };
-    let mut t = HashMap::new();
-    // Embeddings large enough that the tied output head can express confident predictions.
-    t.insert("model.embed_tokens.weight".to_string(), randn((vocab, hidden), 0.5));
-    t.insert("model.norm.weight".to_string(), Tensor::ones(hidden, DType::F32, &Device::Cpu).expect("ones"));
-    for l in 0..layers {
-        let p = format!("model.layers.{l}");
-        for (name, shape) in [
-            ("self_attn.q_proj", (heads * head_dim, hidden)),
-            ("self_attn.k_proj", (kv * head_dim, hidden)),
-            ("self_attn.v_proj", (kv * head_dim, hidden)),
-            ("self_attn.o_proj", (hidden, heads * head_dim)),
-            ("mlp.gate_proj", (inter, hidden)),
-            ("mlp.up_proj", (inter, hidden)),
-            ("mlp.down_proj", (hidden, inter)),
-        ] {
-            t.insert(format!("{p}.{name}.weight"), randn(shape, 0.08));
-        }
-        for norm in ["input_layernorm", "post_attention_layernorm"] {
-            t.insert(format!("{p}.{norm}.weight"), Tensor::ones(hidden, DType::F32, &Device::Cpu).expect("ones"));
-        }
-    }
-    candle_core::safetensors::save(&t, model_dir.join("model.safetensors")).expect("saves");
-    model_dir
+    llmops_worker::engine::tiny::write_tiny_llama(&dir.join("tiny"), &smol, 7).expect("writes the tiny model")
 }
 
 fn write_jsonl(path: &Path, rows: &[Value]) {

@@ -7,6 +7,7 @@ pub mod generate;
 pub mod loader;
 pub mod model;
 pub mod sampling;
+pub mod tiny;
 pub mod tokenizer;
 
 use std::path::Path;

@@ -26,6 +26,7 @@ use self::data::{Example, batch, read_records, tokenize};
 use self::model::{Method, Rng, TrainModel, masked_loss};
 use self::optim::{AdamW, clip, learning_rate};
 use crate::engine::{self, LoadedModel, WeightFormat};
+use crate::report::{Interrupted, Report};
 use crate::store::{file_sha256, local_path};
 
 /// A progress event: what the gateway reporter forwards and the terminal shows.
@@ -217,6 +218,24 @@ pub fn run(assignment: &Assignment) -> Result<Value> {
     let terminal = std::io::stderr().is_terminal();
     let started = Instant::now();
     train(&opts, assignment, &mut |e: &ProgressEvent| {
+        let mut figures: std::collections::BTreeMap<String, f64> = [
+            ("loss".to_string(), e.loss),
+            ("learning_rate".to_string(), e.learning_rate),
+            ("grad_norm".to_string(), e.grad_norm),
+            ("tokens_per_second".to_string(), e.tokens_per_second),
+        ]
+        .into();
+        if let Some(v) = e.validation_loss {
+            figures.insert("eval_loss".to_string(), v);
+        }
+        crate::report::emit(Report::Progress {
+            step: e.step,
+            total: e.total_steps,
+            epoch: e.epoch as f64,
+            metrics: figures,
+            eta_seconds: e.eta_seconds,
+            message: format!("step {}/{} loss {:.4}", e.step, e.total_steps, e.loss),
+        });
         let val = e.validation_loss.map(|v| format!(" val {v:.4}")).unwrap_or_default();
         if terminal {
             let width = 30usize;
@@ -436,11 +455,27 @@ pub fn train(opts: &TrainOptions, assignment: &Assignment, report: &mut dyn FnMu
             eta_seconds: seconds / done * (total - step - 1) as f64,
             validation_loss,
         });
+        let control = crate::report::control();
+        if control.cancelled() {
+            bail!(Interrupted::Cancelled(format!("training was cancelled after step {}", step + 1)));
+        }
+        let asked = control.take_checkpoint();
         if let Some(dir) = &opts.checkpoints
-            && opts.checkpoint_interval > 0
-            && ((step + 1) % opts.checkpoint_interval == 0 || last || metrics.stopped_early)
+            && (asked
+                || (opts.checkpoint_interval > 0
+                    && ((step + 1) % opts.checkpoint_interval == 0 || last || metrics.stopped_early)))
         {
-            save_checkpoint(dir, &named, &optimizer, &metrics, opts.keep)?;
+            if asked {
+                crate::report::phase("Checkpointing", format!("writing a checkpoint at step {}, as asked", step + 1));
+            }
+            let written = save_checkpoint(dir, &named, &optimizer, &metrics, opts.keep)?;
+            crate::report::emit(Report::Checkpoint { uri: written.display().to_string(), step: step + 1 });
+        }
+        if asked && control.stop_requested() && !last {
+            if opts.checkpoints.is_none() {
+                bail!(Interrupted::Cancelled("asked to stop, but the run has no checkpoint directory".into()));
+            }
+            bail!(Interrupted::Stopped(step + 1));
         }
     }
     write_output(opts, assignment, &loaded, &model, &metrics, base_sha256.as_deref())
@@ -448,7 +483,14 @@ pub fn train(opts: &TrainOptions, assignment: &Assignment, report: &mut dyn FnMu
 
 const COMPLETE: &str = "COMPLETE.json";
 
-fn save_checkpoint(dir: &Path, named: &[(String, Var)], opt: &AdamW, metrics: &Metrics, keep: usize) -> Result<()> {
+/// Writes and seals a checkpoint; returns its directory.
+fn save_checkpoint(
+    dir: &Path,
+    named: &[(String, Var)],
+    opt: &AdamW,
+    metrics: &Metrics,
+    keep: usize,
+) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let name = format!("step-{:08}", metrics.steps);
     let tmp = dir.join(format!(".tmp-{name}-{}", std::process::id()));
@@ -478,7 +520,7 @@ fn save_checkpoint(dir: &Path, named: &[(String, Var)], opt: &AdamW, metrics: &M
     for old in all.into_iter().skip(keep) {
         let _ = std::fs::remove_dir_all(old);
     }
-    Ok(())
+    Ok(target)
 }
 
 fn checkpoint_dirs(dir: &Path) -> Result<Vec<PathBuf>> {

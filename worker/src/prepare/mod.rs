@@ -208,6 +208,19 @@ impl Progress {
                 "prepare progress"
             );
         }
+        crate::report::emit(crate::report::Report::Progress {
+            step: read,
+            total: 0,
+            epoch: 0.0,
+            metrics: [
+                ("records".to_string(), read as f64),
+                ("kept".to_string(), kept as f64),
+                ("records_per_second".to_string(), rate),
+            ]
+            .into(),
+            eta_seconds: 0.0,
+            message: format!("{read} records read, {kept} kept"),
+        });
     }
 }
 

@@ -187,7 +187,7 @@ async fn serve(assignment: Assignment, config: ServeAssignment) -> Result<()> {
     let shutdown = async move {
         tokio::select! {
             Some(e) = fail_rx.recv() => { *failure_slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(e); }
-            _ = terminate() => { tracing::info!("shutting down"); }
+            _ = shutdown_signal() => { tracing::info!("shutting down"); }
         }
     };
     axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await.context("serving")?;
@@ -197,7 +197,8 @@ async fn serve(assignment: Assignment, config: ServeAssignment) -> Result<()> {
     Ok(())
 }
 
-async fn terminate() {
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
