@@ -568,6 +568,17 @@ struct Agent {
 
 impl Agent {
     async fn start(client: &Client, ns: &str, pod: &Pod, secret: &str) -> Result<Self> {
+        Self::start_with_env(client, ns, pod, secret, &[]).await
+    }
+
+    /// [`Agent::start`] with extra environment (what a pod gets from Secrets).
+    async fn start_with_env(
+        client: &Client,
+        ns: &str,
+        pod: &Pod,
+        secret: &str,
+        extra: &[(&str, &str)],
+    ) -> Result<Self> {
         let token = read_token(client, ns, secret).await?;
         let dir = std::env::temp_dir().join(format!("llmops-agent-{ns}-{}", pod.name_any()));
         std::fs::create_dir_all(&dir)?;
@@ -581,6 +592,7 @@ impl Agent {
                 command.env(&e.name, value);
             }
         }
+        command.envs(extra.iter().copied());
         let log = dir.join("agent.log");
         command
             .env("LLMOPS_POD", pod.name_any())
@@ -789,6 +801,139 @@ async fn suspending_a_finetune_checkpoints_and_the_next_pod_resumes() -> Result<
     assert!(last > stopped_at, "deletion wrote a checkpoint after the resumed steps ({last} <= {stopped_at})");
     second.terminate()?;
     second.exited().await?;
+    op.stop().await;
+    Ok(())
+}
+
+/// An S3-compatible store on loopback (moto's server, from scripts/s3-env), stopped on drop.
+struct S3Server {
+    child: std::process::Child,
+    endpoint: String,
+}
+
+impl S3Server {
+    async fn start() -> Result<Self> {
+        let script = repo_root().join("scripts/s3-env");
+        let out = std::process::Command::new(&script).stderr(std::process::Stdio::inherit()).output()?;
+        if !out.status.success() {
+            bail!("{} failed", script.display());
+        }
+        let server = String::from_utf8(out.stdout)?.lines().last().context("no moto_server path")?.trim().to_string();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let child = std::process::Command::new(server)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let addr = format!("127.0.0.1:{port}");
+        eventually("the S3 server to listen", WAIT, || async {
+            Ok(tokio::net::TcpStream::connect(&addr).await.ok().map(|_| ()))
+        })
+        .await?;
+        Ok(Self { child, endpoint })
+    }
+
+    fn bucket(&self, name: &str) -> Result<object_store::aws::AmazonS3> {
+        Ok(object_store::aws::AmazonS3Builder::new()
+            .with_bucket_name(name)
+            .with_endpoint(&self.endpoint)
+            .with_region("us-east-1")
+            .with_access_key_id("test")
+            .with_secret_access_key("test")
+            .with_allow_http(true)
+            .build()?)
+    }
+
+    /// Creates a bucket (S3's CreateBucket: an empty PUT on /NAME).
+    async fn create_bucket(&self, name: &str) -> Result<()> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(self.endpoint.trim_start_matches("http://")).await?;
+        let request =
+            format!("PUT /{name} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await?;
+        if !response.starts_with("HTTP/1.1 200") {
+            bail!("creating bucket {name}: {response}");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn with_an_s3_store_the_agent_stages_inputs_and_uploads_the_output() -> Result<()> {
+    use object_store::ObjectStoreExt;
+    use sha2::Digest;
+    let (client, ns) = namespace_with_crds("op-s3").await?;
+    let s3 = S3Server::start().await?;
+    s3.create_bucket("artifacts").await?;
+    let bucket = s3.bucket("artifacts")?;
+    let rows: String = (0..12)
+        .map(|i| {
+            format!(
+                "{}\n",
+                serde_json::json!({"question": format!("What is {i} plus {i}?"), "answer": format!("{}", 2 * i)})
+            )
+        })
+        .collect();
+    bucket.put(&"llmops/imports/sums.jsonl".into(), rows.into_bytes().into()).await?;
+
+    let endpoint = s3.endpoint.clone();
+    let op = Operator::start_configured(&client, &ns.name, |c| {
+        c.store = StoreConfig::S3 {
+            bucket: "artifacts".into(),
+            prefix: "llmops".into(),
+            endpoint,
+            region: "us-east-1".into(),
+            allow_http: true,
+            credentials_secret: None,
+        };
+    })
+    .await?;
+    let mut ds = example("dataset.yaml")?;
+    ds["spec"]["source"] = serde_json::json!({"uri": "store://imports/sums.jsonl"});
+    apply(&client, &ns.name, &ds).await?;
+    let datasets: Api<Dataset> = Api::namespaced(client.clone(), &ns.name);
+    let uid = datasets.get("acme-facts").await?.uid().context("uid")?;
+    let pod = pod_of(&client, &ns.name, &uid).await?;
+    // The pod would get these from --s3-credentials-secret; moto accepts any.
+    let scratch = std::env::temp_dir().join(format!("llmops-scratch-{}", ns.name));
+    let mut agent = Agent::start_with_env(
+        &client,
+        &ns.name,
+        &pod,
+        "acme-facts-prepare-token",
+        &[
+            ("AWS_ACCESS_KEY_ID", "test"),
+            ("AWS_SECRET_ACCESS_KEY", "test"),
+            ("LLMOPS_SCRATCH", scratch.to_str().context("utf-8")?),
+        ],
+    )
+    .await?;
+    let exit = agent.exited().await?;
+    assert!(exit.success(), "{}", agent.log_text());
+    let status = datasets.get("acme-facts").await?.status.context("status")?;
+    assert!(
+        condition(&status.common.conditions, "Succeeded").is_some_and(|c| c.status == "True"),
+        "{}",
+        agent.log_text()
+    );
+    let artifact = status.artifact.context("artifact")?;
+    let key = format!("{}/dataset/acme-facts/{uid}/output", ns.name);
+    assert_eq!(artifact.uri, format!("store://{key}/"));
+    let manifest = bucket.get(&format!("llmops/{key}/manifest.json").as_str().into()).await?.bytes().await?;
+    assert_eq!(artifact.sha256, hex::encode(sha2::Sha256::digest(&manifest)), "the status pins the uploaded manifest");
+    let manifest: Value = serde_json::from_slice(&manifest)?;
+    assert_eq!(manifest["counts"]["read"], 12, "{manifest:#}");
+    bucket.head(&format!("llmops/{key}/train.parquet").as_str().into()).await.context("train.parquet was uploaded")?;
     op.stop().await;
     Ok(())
 }

@@ -7,7 +7,7 @@
 //! recorded it (or after a grace period, when the gateway stays away).
 
 use std::collections::{BTreeMap, VecDeque};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -166,8 +166,8 @@ async fn fetch(env: &AgentEnv) -> Result<Assignment> {
     }
 }
 
-/// Forwards reports of the running mode into the session.
-struct Forward(mpsc::UnboundedSender<Event>);
+/// Forwards reports of the running mode into the session (None marks the end).
+struct Forward(mpsc::UnboundedSender<Option<Event>>);
 
 impl Sink for Forward {
     fn send(&self, report: Report) {
@@ -183,7 +183,7 @@ impl Sink for Forward {
             }),
             Report::Checkpoint { uri, step } => Event::Checkpoint(v1::CheckpointWritten { uri, step }),
         };
-        let _ = self.0.send(event);
+        let _ = self.0.send(Some(event));
     }
 }
 
@@ -227,11 +227,13 @@ fn output_uri(assignment: &Assignment) -> Option<String> {
     output.map(|o| o.uri.clone())
 }
 
-/// The Result event of a finished mode: the output directory with the sha256 of its
-/// manifest.json, the figures, and the manifest (for eval, results.json) verbatim.
-fn result_event(assignment: &Assignment, outcome: &Value) -> Result<Event> {
+/// The Result event of a finished mode: the output directory (as `assignment` names
+/// it) with the sha256 of its manifest.json (read where the mode wrote it, `ran`), the
+/// figures, and the manifest (for eval, results.json) verbatim.
+fn result_event(assignment: &Assignment, ran: &Assignment, outcome: &Value) -> Result<Event> {
     let uri = output_uri(assignment).context("the assignment has no output")?;
-    let dir = local_path(&uri, assignment.store.as_ref())?;
+    let written = output_uri(ran).context("the assignment has no output")?;
+    let dir = local_path(&written, ran.store.as_ref())?;
     let manifest = dir.join("manifest.json");
     let sha256 = file_sha256(&manifest).with_context(|| format!("the mode wrote no {}", manifest.display()))?;
     let (metrics, passed, text) = match assignment.mode.as_ref() {
@@ -504,14 +506,39 @@ pub fn run() -> Result<ExitCode> {
         let _ = runtime.block_on(session);
         bail!(message);
     }
-    let (events, forward) = mpsc::unbounded_channel::<Event>();
-    report::install(Box::new(Forward(events)));
-    // Reports of the mode flow into the session as non-final events.
+    // With a bucket as the store, the mode runs on local copies.
+    report::phase("Staging", "staging the inputs");
+    let scratch = std::env::var_os("LLMOPS_SCRATCH")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir)
+        .join(format!("llmops-{}", env.workload.uid));
+    let staged = match runtime.block_on(crate::staging::stage(&assignment, &scratch)) {
+        Ok(staged) => staged.map(Arc::new),
+        Err(e) => {
+            let message = format!("{e:#}");
+            let failure = v1::Failure { reason: "StagingFailed".into(), message: message.clone(), retryable: true };
+            let _ = tx.send((Event::Failure(failure), true));
+            drop(tx);
+            let _ = runtime.block_on(session);
+            bail!(message);
+        }
+    };
+    let (events, forward) = mpsc::unbounded_channel::<Option<Event>>();
+    report::install(Box::new(Forward(events.clone())));
+    // Reports of the mode flow into the session as non-final events; checkpoints reach
+    // the store before they are announced.
     let relay = {
         let tx = tx.clone();
         let mut forward = forward;
+        let staged = staged.clone();
         runtime.spawn(async move {
-            while let Some(e) = forward.recv().await {
+            while let Some(Some(mut e)) = forward.recv().await {
+                if let (Event::Checkpoint(c), Some(staged)) = (&mut e, &staged) {
+                    match staged.upload_checkpoint(Path::new(&c.uri)).await {
+                        Ok(uri) => c.uri = uri,
+                        Err(err) => tracing::error!(error = %format!("{err:#}"), "uploading a checkpoint failed"),
+                    }
+                }
                 if tx.send((e, false)).is_err() {
                     break;
                 }
@@ -522,23 +549,26 @@ pub fn run() -> Result<ExitCode> {
         "Running",
         format!("running the {} mode", assignment.mode.as_ref().map(Mode::name).unwrap_or_default()),
     );
+    let ran = Arc::new(staged.as_ref().map_or_else(|| assignment.clone(), |s| s.assignment.clone()));
     let worker = {
-        let assignment = Arc::new(assignment);
+        let ran = ran.clone();
         std::thread::Builder::new()
             .name("llmops-mode".into())
-            .spawn(move || {
-                let outcome = run_mode(&assignment);
-                (assignment, outcome)
-            })
+            .spawn(move || run_mode(&ran))
             .context("starting the mode's thread")?
     };
-    let (assignment, outcome) = worker.join().map_err(|_| anyhow::anyhow!("the mode's thread panicked"))?;
-    // Let progress already emitted go out before the final event.
-    std::thread::sleep(Duration::from_millis(50));
-    relay.abort();
+    let mut outcome = worker.join().map_err(|_| anyhow::anyhow!("the mode's thread panicked"))?;
+    // Let reports already emitted (and their checkpoint uploads) go out first.
+    let _ = events.send(None);
+    let _ = runtime.block_on(async { tokio::time::timeout(Duration::from_secs(300), relay).await });
+    if let (Ok(Some(_)), Some(staged)) = (&outcome, &staged)
+        && let Err(e) = runtime.block_on(staged.upload_output())
+    {
+        outcome = Err(e.context("uploading the output to the store"));
+    }
     let stopping = |message: String| Event::Phase(v1::PhaseChange { phase: "Stopping".into(), message });
     let (final_event, ending) = match outcome {
-        Ok(Some(value)) => match result_event(&assignment, &value) {
+        Ok(Some(value)) => match result_event(&assignment, &ran, &value) {
             Ok(event) => (event, Ending::Succeeded),
             Err(e) => (failure_event(&e), Ending::Failed),
         },

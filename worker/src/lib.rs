@@ -9,4 +9,5 @@ pub mod finetune;
 pub mod prepare;
 pub mod report;
 pub mod serve;
+pub mod staging;
 pub mod store;
