@@ -3,6 +3,8 @@
 //! manifests the way `kubectl apply --server-side --validate=strict` does.
 #![forbid(unsafe_code)]
 
+pub mod dev_node;
+
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -249,4 +251,89 @@ pub fn worker_binary() -> Result<PathBuf> {
         bail!("{} is missing; build it with `cargo build -p llmops-worker`", worker.display());
     }
     Ok(worker)
+}
+
+/// The first document of `examples/pipeline/<name>`.
+pub fn example(name: &str) -> Result<Value> {
+    let docs = yaml_documents(&repo_root().join("examples/pipeline").join(name))?;
+    docs.into_iter().next().context("empty example")
+}
+
+/// Applies a manifest like [`apply_manifest`], failing when the apiserver refuses it.
+pub async fn apply(client: &Client, ns: &str, manifest: &Value) -> Result<()> {
+    if let Err(refusal) = apply_manifest(client, ns, manifest).await? {
+        bail!("the apiserver refused the manifest: {refusal}");
+    }
+    Ok(())
+}
+
+/// The condition of type `t`.
+pub fn condition<'a>(
+    conds: &'a [k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    t: &str,
+) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    conds.iter().find(|c| c.type_ == t)
+}
+
+/// An operator running in the calling test's runtime, watching one namespace, with its
+/// gateway on a free port of 127.0.0.1 and a hostPath store under the temp dir.
+pub struct Operator {
+    task: tokio::task::JoinHandle<Result<()>>,
+    /// The gateway's host:port.
+    pub addr: String,
+    /// What it was started with.
+    pub config: llmops_operator::Config,
+}
+
+impl Operator {
+    /// Starts an operator for `namespace`.
+    pub async fn start(client: &Client, namespace: &str) -> Result<Self> {
+        Self::start_configured(client, namespace, |_| {}).await
+    }
+
+    /// Starts an operator for `namespace`, with `adjust` changing its configuration.
+    pub async fn start_configured(
+        client: &Client,
+        namespace: &str,
+        adjust: impl FnOnce(&mut llmops_operator::Config),
+    ) -> Result<Self> {
+        use llmops_operator::{Config, StoreConfig, StoreVolume};
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let addr = format!("127.0.0.1:{port}");
+        let store: PathBuf = std::env::temp_dir().join(format!("llmops-store-{namespace}"));
+        let mut config = Config::new(addr.parse()?, addr.clone());
+        config.namespaces = vec![namespace.to_string()];
+        config.store = StoreConfig::Local { mount_path: store.clone(), volume: StoreVolume::HostPath(store) };
+        config.progress_interval = Duration::from_millis(200);
+        config.checkpoint_grace = Duration::from_secs(3);
+        adjust(&mut config);
+        Self::start_with(client, config).await
+    }
+
+    /// Starts an operator with `config`.
+    pub async fn start_with(client: &Client, config: llmops_operator::Config) -> Result<Self> {
+        let addr = config.gateway_address.clone();
+        let task = tokio::spawn(llmops_operator::run(client.clone(), config.clone()));
+        // The gateway listens once run() has bound its port.
+        eventually("the gateway to listen", Duration::from_secs(60), || async {
+            Ok(tokio::net::TcpStream::connect(&addr).await.ok().map(|_| ()))
+        })
+        .await?;
+        Ok(Self { task, addr, config })
+    }
+
+    /// Stops the operator, as a crash or a rollout would.
+    pub async fn stop(self) -> llmops_operator::Config {
+        self.task.abort();
+        let _ = self.task.await;
+        self.config
+    }
+
+    /// A gRPC client of its gateway.
+    pub async fn client(
+        &self,
+    ) -> Result<llmops_proto::v1::worker_gateway_client::WorkerGatewayClient<tonic::transport::Channel>> {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))?.connect().await?;
+        Ok(llmops_proto::v1::worker_gateway_client::WorkerGatewayClient::new(channel))
+    }
 }

@@ -1,7 +1,8 @@
 //! The operator against the real control plane: each test runs its own operator
 //! in-process, watching only the test's namespace, with its gateway on a free port of
-//! 127.0.0.1. The test plays the worker over real gRPC with the token from the Secret
-//! the operator created (until `llmops-worker agent` takes that part).
+//! 127.0.0.1. Most tests play the worker over real gRPC with the token from the Secret
+//! the operator created, to drive exact event sequences; the others start a real
+//! `llmops-worker agent` with the pod's env, as a kubelet would.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -13,74 +14,12 @@ use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{Api, DeleteParams, ListParams};
 use kube::{Client, Resource, ResourceExt};
 use llmops_crds::{Dataset, EvalRun, FineTuneJob, PromptVersion};
-use llmops_operator::{Config, StoreConfig, StoreVolume};
-use llmops_proto::v1::worker_gateway_client::WorkerGatewayClient;
+use llmops_operator::{Config, StoreConfig};
 use llmops_proto::v1::{self, FetchRequest, WorkerEvent, gateway_command::Command, worker_event::Event};
-use llmops_tests::{apply_manifest, eventually, namespace_with_crds, repo_root, yaml_documents};
+use llmops_tests::{Operator, apply, condition, eventually, example, namespace_with_crds, repo_root};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(60);
-
-/// An operator running in this test's runtime.
-struct Operator {
-    task: tokio::task::JoinHandle<Result<()>>,
-    addr: String,
-    config: Config,
-}
-
-impl Operator {
-    async fn start(client: &Client, namespace: &str) -> Result<Self> {
-        Self::start_configured(client, namespace, |_| {}).await
-    }
-
-    async fn start_configured(client: &Client, namespace: &str, adjust: impl FnOnce(&mut Config)) -> Result<Self> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let addr = format!("127.0.0.1:{port}");
-        let store: PathBuf = std::env::temp_dir().join(format!("llmops-store-{namespace}"));
-        let mut config = Config::new(addr.parse()?, addr.clone());
-        config.namespaces = vec![namespace.to_string()];
-        config.store = StoreConfig::Local { mount_path: store.clone(), volume: StoreVolume::HostPath(store) };
-        config.progress_interval = Duration::from_millis(200);
-        config.checkpoint_grace = Duration::from_secs(3);
-        adjust(&mut config);
-        Self::start_with(client, config).await
-    }
-
-    async fn start_with(client: &Client, config: Config) -> Result<Self> {
-        let addr = config.gateway_address.clone();
-        let task = tokio::spawn(llmops_operator::run(client.clone(), config.clone()));
-        // The gateway listens once run() has bound its port.
-        eventually("the gateway to listen", WAIT, || async {
-            Ok(tokio::net::TcpStream::connect(&addr).await.ok().map(|_| ()))
-        })
-        .await?;
-        Ok(Self { task, addr, config })
-    }
-
-    /// Stops the operator, as a crash or a rollout would.
-    async fn stop(self) -> Config {
-        self.task.abort();
-        let _ = self.task.await;
-        self.config
-    }
-
-    async fn client(&self) -> Result<WorkerGatewayClient<tonic::transport::Channel>> {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))?.connect().await?;
-        Ok(WorkerGatewayClient::new(channel))
-    }
-}
-
-fn example(name: &str) -> Result<Value> {
-    let docs = yaml_documents(&repo_root().join("examples/pipeline").join(name))?;
-    docs.into_iter().next().context("empty example")
-}
-
-async fn apply(client: &Client, ns: &str, manifest: &Value) -> Result<()> {
-    if let Err(refusal) = apply_manifest(client, ns, manifest).await? {
-        bail!("the apiserver refused the manifest: {refusal}");
-    }
-    Ok(())
-}
 
 fn workload<K: Resource<DynamicType = ()>>(obj: &K) -> v1::Workload {
     v1::Workload {
@@ -89,13 +28,6 @@ fn workload<K: Resource<DynamicType = ()>>(obj: &K) -> v1::Workload {
         name: obj.meta().name.clone().unwrap_or_default(),
         uid: obj.meta().uid.clone().unwrap_or_default(),
     }
-}
-
-fn condition<'a>(
-    conds: &'a [k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
-    t: &str,
-) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
-    conds.iter().find(|c| c.type_ == t)
 }
 
 async fn read_token(client: &Client, ns: &str, secret: &str) -> Result<String> {
@@ -425,6 +357,7 @@ async fn an_unschedulable_finetune_shows_the_schedulers_message() -> Result<()> 
     })
     .await?;
     assert!(ready.message.contains("node affinity/selector"), "{}", ready.message);
+    delete_finetunes(&client, &ns.name).await?;
     op.stop().await;
     Ok(())
 }
@@ -554,6 +487,7 @@ async fn the_pipeline_applied_in_reverse_order_converges() -> Result<()> {
     let passed = condition(&status.common.conditions, "Passed").context("Passed")?;
     assert_eq!(passed.status, "True");
     assert_eq!(status.metrics.first().map(|m| m.value), Some(0.62));
+    delete_finetunes(&client, &ns.name).await?;
     op.stop().await;
     Ok(())
 }
@@ -567,11 +501,7 @@ struct Agent {
 }
 
 impl Agent {
-    async fn start(client: &Client, ns: &str, pod: &Pod, secret: &str) -> Result<Self> {
-        Self::start_with_env(client, ns, pod, secret, &[]).await
-    }
-
-    /// [`Agent::start`] with extra environment (what a pod gets from Secrets).
+    /// `extra`: environment a pod would get from Secrets.
     async fn start_with_env(
         client: &Client,
         ns: &str,
@@ -654,12 +584,14 @@ fn store_of(config: &Config) -> Result<PathBuf> {
 }
 
 /// Runs the Dataset's worker pod with a real agent to its end.
-async fn prepare_with_agent(client: &Client, ns: &str) -> Result<(Dataset, Agent)> {
+async fn prepare_with_agent(client: &Client, ns: &str, store: &TestStore) -> Result<(Dataset, Agent)> {
     apply(client, ns, &example("dataset.yaml")?).await?;
     let datasets: Api<Dataset> = Api::namespaced(client.clone(), ns);
     let uid = datasets.get("acme-facts").await?.uid().context("uid")?;
     let pod = pod_of(client, ns, &uid).await?;
-    let mut agent = Agent::start(client, ns, &pod, "acme-facts-prepare-token").await?;
+    let env = store.env(&pod.name_any());
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut agent = Agent::start_with_env(client, ns, &pod, "acme-facts-prepare-token", &env).await?;
     let exit = agent.exited().await?;
     if !exit.success() {
         bail!("the agent exited with {exit}:\n{}", agent.log_text());
@@ -673,7 +605,7 @@ async fn a_real_agent_prepares_the_dataset_and_its_digest_reaches_the_status() -
     let metrics: std::net::SocketAddr =
         format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()).parse()?;
     let op = Operator::start_configured(&client, &ns.name, |c| c.metrics_listen = Some(metrics)).await?;
-    let (ds, agent) = prepare_with_agent(&client, &ns.name).await?;
+    let (ds, agent) = prepare_with_agent(&client, &ns.name, &TestStore::Local(store_of(&op.config)?)).await?;
     let status = ds.status.clone().context("status")?;
     assert!(
         condition(&status.common.conditions, "Succeeded").is_some_and(|c| c.status == "True"),
@@ -703,29 +635,144 @@ async fn a_real_agent_prepares_the_dataset_and_its_digest_reaches_the_status() -
     Ok(())
 }
 
+/// Where a test's store is, as the test sees it.
+enum TestStore {
+    /// A directory (the pods' hostPath).
+    Local(PathBuf),
+    /// A bucket of the S3 server, with the operator's prefix, and the agents' scratch.
+    S3 { bucket: object_store::aws::AmazonS3, prefix: String, scratch: PathBuf },
+}
+
+impl TestStore {
+    /// Copies a local directory to the store key.
+    async fn put_dir(&self, dir: &std::path::Path, key: &str) -> Result<()> {
+        use object_store::ObjectStoreExt;
+        match self {
+            TestStore::Local(root) => {
+                let target = root.join(key);
+                std::fs::create_dir_all(&target)?;
+                for entry in std::fs::read_dir(dir)? {
+                    let entry = entry?;
+                    std::fs::copy(entry.path(), target.join(entry.file_name()))?;
+                }
+            }
+            TestStore::S3 { bucket, prefix, .. } => {
+                for entry in std::fs::read_dir(dir)? {
+                    let entry = entry?;
+                    let path = format!("{prefix}/{key}/{}", entry.file_name().to_string_lossy());
+                    bucket.put(&path.as_str().into(), std::fs::read(entry.path())?.into()).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Steps of the sealed checkpoints under a key, oldest first.
+    async fn sealed(&self, key: &str) -> Result<Vec<u64>> {
+        use futures::StreamExt;
+        let names: Vec<String> = match self {
+            TestStore::Local(root) => std::fs::read_dir(root.join(key))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|e| e.path().join("COMPLETE.json").is_file())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect(),
+            TestStore::S3 { bucket, prefix, .. } => {
+                use object_store::ObjectStore;
+                let base = format!("{prefix}/{key}");
+                let mut listing = bucket.list(Some(&base.as_str().into()));
+                let mut names = Vec::new();
+                while let Some(meta) = listing.next().await {
+                    let location = meta?.location.to_string();
+                    if let Some(rest) = location.strip_prefix(&format!("{base}/"))
+                        && let Some(dir) = rest.strip_suffix("/COMPLETE.json")
+                    {
+                        names.push(dir.to_string());
+                    }
+                }
+                names
+            }
+        };
+        let mut steps: Vec<u64> =
+            names.iter().filter_map(|n| n.strip_prefix("step-").and_then(|n| n.parse().ok())).collect();
+        steps.sort();
+        Ok(steps)
+    }
+
+    /// What an agent's pod gets besides the pod spec's values: credentials (from the
+    /// Secret named by --s3-credentials-secret) and a scratch directory of its own.
+    fn env(&self, pod: &str) -> Vec<(String, String)> {
+        match self {
+            TestStore::Local(_) => Vec::new(),
+            TestStore::S3 { scratch, .. } => vec![
+                ("AWS_ACCESS_KEY_ID".into(), "test".into()),
+                ("AWS_SECRET_ACCESS_KEY".into(), "test".into()),
+                ("LLMOPS_SCRATCH".into(), scratch.join(pod).display().to_string()),
+            ],
+        }
+    }
+}
+
 #[tokio::test]
 async fn suspending_a_finetune_checkpoints_and_the_next_pod_resumes() -> Result<()> {
     let (client, ns) = namespace_with_crds("op-suspend").await?;
     let op = Operator::start(&client, &ns.name).await?;
-    let store = store_of(&op.config)?;
-    prepare_with_agent(&client, &ns.name).await?;
+    let store = TestStore::Local(store_of(&op.config)?);
+    suspend_resume_delete(&client, &ns.name, &store).await?;
+    op.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn with_an_s3_store_a_suspended_finetune_resumes_from_the_uploaded_checkpoint() -> Result<()> {
+    let (client, ns) = namespace_with_crds("op-s3-suspend").await?;
+    let s3 = S3Server::start().await?;
+    s3.create_bucket("artifacts").await?;
+    let op = Operator::start_configured(&client, &ns.name, |c| c.store = s3.store_config("artifacts")).await?;
+    let store = TestStore::S3 {
+        bucket: s3.bucket("artifacts")?,
+        prefix: "llmops".into(),
+        scratch: std::env::temp_dir().join(format!("llmops-scratch-{}", ns.name)),
+    };
+    suspend_resume_delete(&client, &ns.name, &store).await?;
+    op.stop().await;
+    Ok(())
+}
+
+/// A FineTuneJob on the tiny model, run by real agents: suspended mid-run (a checkpoint,
+/// then the pod stops), resumed in a new pod from that step, deleted (another checkpoint
+/// through the finalizer).
+async fn suspend_resume_delete(client: &Client, ns: &str, store: &TestStore) -> Result<()> {
+    let client = client.clone();
+    prepare_with_agent(&client, ns, store).await?;
     let smol =
         llmops_worker::engine::load(&llmops_tests::test_model()?, &candle_core::Device::Cpu, Default::default())?;
-    llmops_worker::engine::tiny::write_tiny_llama(&store.join("imports/tiny"), &smol, 3)?;
+    let tiny = std::env::temp_dir().join(format!("llmops-tiny-{ns}"));
+    llmops_worker::engine::tiny::write_tiny_llama(&tiny, &smol, 3)?;
+    store.put_dir(&tiny, "imports/tiny").await?;
     let mut ftj = example("finetunejob.yaml")?;
     ftj["spec"]["model"] = serde_json::json!({"uri": "store://imports/tiny/", "format": "hf"});
     ftj["spec"]["dataset"] = serde_json::json!({"name": "acme-facts"});
     ftj["spec"]["hyperparameters"] =
         serde_json::json!({"epochs": 1000, "maxSteps": 600, "batchSize": 2, "learningRate": 0.001, "maxSeqLength": 64});
     ftj["spec"]["checkpoints"] = serde_json::json!({"intervalSteps": 100000});
-    apply(&client, &ns.name, &ftj).await?;
-    let tunes: Api<FineTuneJob> = Api::namespaced(client.clone(), &ns.name);
+    apply(&client, ns, &ftj).await?;
+    let tunes: Api<FineTuneJob> = Api::namespaced(client.clone(), ns);
     let uid = eventually("the FineTuneJob", WAIT, || async { Ok(tunes.get_opt("acme-facts-lora").await?) })
         .await?
         .uid()
         .context("uid")?;
-    let first_pod = pod_of(&client, &ns.name, &uid).await?;
-    let mut first = Agent::start(&client, &ns.name, &first_pod, "acme-facts-lora-finetune-token").await?;
+    let agent = |pod: Pod| {
+        let client = client.clone();
+        async move {
+            let env = store.env(&pod.name_any());
+            let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            Agent::start_with_env(&client, ns, &pod, "acme-facts-lora-finetune-token", &env).await
+        }
+    };
+    let first_pod = pod_of(&client, ns, &uid).await?;
+    let mut first = agent(first_pod.clone()).await?;
     eventually("training progress in status", WAIT, || async {
         let s = tunes.get("acme-facts-lora").await?.status.unwrap_or_default();
         let step: u64 =
@@ -738,27 +785,19 @@ async fn suspending_a_finetune_checkpoints_and_the_next_pod_resumes() -> Result<
     // Suspend: the worker writes a checkpoint and stops; the Job is suspended.
     let patch = serde_json::json!({"spec": {"suspend": true}});
     tunes.patch("acme-facts-lora", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await?;
-    let checkpoints = store.join(&ns.name).join("finetunejob/acme-facts-lora").join(&uid).join("checkpoints");
-    let sealed = |dir: &std::path::Path| -> Vec<u64> {
-        let mut steps: Vec<u64> = std::fs::read_dir(dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|e| e.path().join("COMPLETE.json").is_file())
-            .filter_map(|e| e.file_name().to_string_lossy().strip_prefix("step-").and_then(|n| n.parse().ok()))
-            .collect();
-        steps.sort();
-        steps
-    };
-    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns.name);
+    let checkpoints = format!("{ns}/finetunejob/acme-facts-lora/{uid}/checkpoints");
+    let jobs: Api<Job> = Api::namespaced(client.clone(), ns);
     eventually("the Job to be suspended", WAIT, || async {
         let job = jobs.get("acme-facts-lora-finetune").await?;
         Ok(job.spec.and_then(|s| s.suspend).filter(|s| *s).map(|_| ()))
     })
     .await
     .with_context(|| first.log_text())?;
-    let stopped_at =
-        *sealed(&checkpoints).last().with_context(|| format!("no checkpoint written:\n{}", first.log_text()))?;
+    let stopped_at = *store
+        .sealed(&checkpoints)
+        .await?
+        .last()
+        .with_context(|| format!("no checkpoint written:\n{}", first.log_text()))?;
     assert!(stopped_at < 600, "the run stopped early, at step {stopped_at}");
     first.terminate()?;
     assert!(first.exited().await?.success(), "{}", first.log_text());
@@ -769,7 +808,7 @@ async fn suspending_a_finetune_checkpoints_and_the_next_pod_resumes() -> Result<
     // Resume: a new pod continues from the checkpoint.
     let patch = serde_json::json!({"spec": {"suspend": false}});
     tunes.patch("acme-facts-lora", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await?;
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let second_pod = eventually("a new worker pod", WAIT, || async {
         let list = pods.list(&ListParams::default().labels(&format!("llmops.dev/uid={uid}"))).await?;
         Ok(list
@@ -778,7 +817,7 @@ async fn suspending_a_finetune_checkpoints_and_the_next_pod_resumes() -> Result<
             .find(|p| p.name_any() != first_pod.name_any() && p.metadata.deletion_timestamp.is_none()))
     })
     .await?;
-    let mut second = Agent::start(&client, &ns.name, &second_pod, "acme-facts-lora-finetune-token").await?;
+    let mut second = agent(second_pod).await?;
     eventually("training to continue past the checkpoint", WAIT, || async {
         let s = tunes.get("acme-facts-lora").await?.status.unwrap_or_default();
         let step: u64 =
@@ -797,11 +836,10 @@ async fn suspending_a_finetune_checkpoints_and_the_next_pod_resumes() -> Result<
     })
     .await
     .with_context(|| second.log_text())?;
-    let last = *sealed(&checkpoints).last().context("checkpoints")?;
+    let last = *store.sealed(&checkpoints).await?.last().context("checkpoints")?;
     assert!(last > stopped_at, "deletion wrote a checkpoint after the resumed steps ({last} <= {stopped_at})");
     second.terminate()?;
     second.exited().await?;
-    op.stop().await;
     Ok(())
 }
 
@@ -845,6 +883,18 @@ impl S3Server {
             .build()?)
     }
 
+    /// The operator's store setting for a bucket of this server, under prefix `llmops`.
+    fn store_config(&self, bucket: &str) -> StoreConfig {
+        StoreConfig::S3 {
+            bucket: bucket.into(),
+            prefix: "llmops".into(),
+            endpoint: self.endpoint.clone(),
+            region: "us-east-1".into(),
+            allow_http: true,
+            credentials_secret: None,
+        }
+    }
+
     /// Creates a bucket (S3's CreateBucket: an empty PUT on /NAME).
     async fn create_bucket(&self, name: &str) -> Result<()> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -886,18 +936,7 @@ async fn with_an_s3_store_the_agent_stages_inputs_and_uploads_the_output() -> Re
         .collect();
     bucket.put(&"llmops/imports/sums.jsonl".into(), rows.into_bytes().into()).await?;
 
-    let endpoint = s3.endpoint.clone();
-    let op = Operator::start_configured(&client, &ns.name, |c| {
-        c.store = StoreConfig::S3 {
-            bucket: "artifacts".into(),
-            prefix: "llmops".into(),
-            endpoint,
-            region: "us-east-1".into(),
-            allow_http: true,
-            credentials_secret: None,
-        };
-    })
-    .await?;
+    let op = Operator::start_configured(&client, &ns.name, |c| c.store = s3.store_config("artifacts")).await?;
     let mut ds = example("dataset.yaml")?;
     ds["spec"]["source"] = serde_json::json!({"uri": "store://imports/sums.jsonl"});
     apply(&client, &ns.name, &ds).await?;
@@ -936,4 +975,15 @@ async fn with_an_s3_store_the_agent_stages_inputs_and_uploads_the_output() -> Re
     bucket.head(&format!("llmops/{key}/train.parquet").as_str().into()).await.context("train.parquet was uploaded")?;
     op.stop().await;
     Ok(())
+}
+
+/// Deletes the namespace's FineTuneJobs while the operator still runs, so their
+/// finalizer does not keep the test namespace from going.
+async fn delete_finetunes(client: &Client, ns: &str) -> Result<()> {
+    let tunes: Api<FineTuneJob> = Api::namespaced(client.clone(), ns);
+    tunes.delete_collection(&DeleteParams::background(), &ListParams::default()).await?;
+    eventually("the FineTuneJobs to go", WAIT, || async {
+        Ok(tunes.list(&ListParams::default()).await?.items.is_empty().then_some(()))
+    })
+    .await
 }

@@ -1,0 +1,274 @@
+//! The development node agent against the real control plane: the operator and a dev
+//! node run in-process, and every worker pod runs for real as a local `llmops-worker
+//! agent` process — no hand-played kubelet or worker.
+//!
+//! Each test registers its own dev node (named after its namespace) and pins its pods
+//! to it with a nodeSelector on the hostname plus the dev node's toleration, so a quick
+//! start's dev node on the same cluster takes none of them. The tests take turns: two
+//! dev nodes would hand out the same 127.0.0.x addresses.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, ListParams};
+use kube::{Client, ResourceExt};
+use llmops_crds::{Dataset, EvalRun, FineTuneJob, PromptVersion};
+use llmops_operator::StoreConfig;
+use llmops_tests::dev_node::{DevNode, DevNodeConfig, NODE_LABEL, NODE_TAINT};
+use llmops_tests::{Operator, apply, condition, eventually, example, namespace_with_crds};
+use serde_json::{Value, json};
+
+/// One dev node at a time in this test binary.
+static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const WAIT: Duration = Duration::from_secs(60);
+/// Training and evaluating the tiny model take seconds; the margin is for a busy machine.
+const RUN: Duration = Duration::from_secs(600);
+
+async fn dev_node(client: &Client, ns: &str) -> Result<DevNode> {
+    let name = format!("dev-{ns}");
+    let work_dir = std::env::temp_dir().join(format!("llmops-dev-node-{ns}"));
+    DevNode::start(client.clone(), DevNodeConfig::new(name, llmops_tests::worker_binary()?, work_dir)).await
+}
+
+/// Pins a workload's pod to `node`.
+fn place_on(manifest: &mut Value, node: &DevNode) {
+    manifest["spec"]["resources"]["nodeSelector"] =
+        json!({NODE_LABEL: "true", "kubernetes.io/hostname": node.config.node_name});
+    manifest["spec"]["resources"]["tolerations"] =
+        json!([{"key": NODE_TAINT, "operator": "Exists", "effect": "NoSchedule"}]);
+}
+
+async fn pods_of(client: &Client, ns: &str, uid: &str) -> Result<Vec<Pod>> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    Ok(pods.list(&ListParams::default().labels(&format!("llmops.dev/uid={uid}"))).await?.items)
+}
+
+fn pod_ip(pod: &Pod) -> String {
+    pod.status.as_ref().and_then(|s| s.pod_ip.clone()).unwrap_or_default()
+}
+
+fn exit_code(pod: &Pod) -> Option<i32> {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|c| c.first())
+        .and_then(|c| c.state.as_ref())
+        .and_then(|s| s.terminated.as_ref())
+        .map(|t| t.exit_code)
+}
+
+/// The pid of a running pod's process (its containerID is `local-process://<pid>`).
+fn pid(pod: &Pod) -> Option<u32> {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|c| c.first())
+        .and_then(|c| c.container_id.as_deref())
+        .and_then(|id| id.strip_prefix("local-process://"))
+        .and_then(|p| p.parse().ok())
+}
+
+/// The pod log the dev node keeps, for failure messages.
+fn log_of(node: &DevNode, pod: &Pod) -> String {
+    let dir = node.config.work_dir.join(format!("{}_{}", pod.namespace().unwrap_or_default(), pod.name_any()));
+    std::fs::read_to_string(dir.join("log")).unwrap_or_default()
+}
+
+/// Waits until `get` returns an object whose `done` condition is True, failing early
+/// when its `Failed` condition is.
+async fn finished<T>(
+    what: &str,
+    get: impl AsyncFn() -> Result<T>,
+    conditions: impl Fn(&T) -> Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
+    done: &str,
+) -> Result<T> {
+    eventually(what, RUN, || async {
+        let obj = get().await?;
+        let conds = conditions(&obj);
+        if let Some(f) = condition(&conds, "Failed").filter(|c| c.status == "True") {
+            anyhow::bail!("{what}: failed: {}: {}", f.reason, f.message);
+        }
+        Ok(condition(&conds, done).is_some_and(|c| c.status == "True").then_some(obj))
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_failing_worker_ends_its_pod_failed_with_the_workers_reason() -> Result<()> {
+    let _turn = TURN.lock().await;
+    let (client, ns) = namespace_with_crds("dev-node-failure").await?;
+    let op = Operator::start(&client, &ns.name).await?;
+    let node = dev_node(&client, &ns.name).await?;
+    let mut ds = example("dataset.yaml")?;
+    ds["spec"]["source"] = json!({"uri": "store://imports/no-such-file.jsonl"});
+    ds["spec"]["backoffLimit"] = json!(0);
+    place_on(&mut ds, &node);
+    apply(&client, &ns.name, &ds).await?;
+    let datasets: Api<Dataset> = Api::namespaced(client.clone(), &ns.name);
+    let uid = eventually("the Dataset", WAIT, || async { Ok(datasets.get_opt("acme-facts").await?) })
+        .await?
+        .uid()
+        .context("uid")?;
+
+    let failed = eventually("the Dataset to fail", RUN, || async {
+        let conds = datasets.get("acme-facts").await?.status.map(|s| s.common.conditions).unwrap_or_default();
+        Ok(condition(&conds, "Failed").filter(|c| c.status == "True").cloned())
+    })
+    .await?;
+    // The reason is the worker's, sent through the gateway, not a pod exit code.
+    assert_ne!(failed.reason, "WorkerExited", "{failed:?}");
+    assert!(failed.message.contains("no-such-file.jsonl"), "{failed:?}");
+
+    let pod = eventually("the pod to end", WAIT, || async {
+        Ok(pods_of(&client, &ns.name, &uid).await?.into_iter().find(|p| exit_code(p).is_some()))
+    })
+    .await?;
+    let status = pod.status.clone().context("pod status")?;
+    assert_eq!(status.phase.as_deref(), Some("Failed"), "{}", log_of(&node, &pod));
+    assert_eq!(exit_code(&pod), Some(1), "{}", log_of(&node, &pod));
+    let terminated = status.container_statuses.as_ref().and_then(|c| c.first()).and_then(|c| c.state.clone());
+    let message = terminated.and_then(|s| s.terminated).and_then(|t| t.message).unwrap_or_default();
+    assert!(message.contains("no-such-file.jsonl"), "the termination message is the log's tail: {message}");
+    assert!(pod_ip(&pod).starts_with("127.0.0."), "{status:?}");
+    assert_eq!(status.host_ip.as_deref(), Some("127.0.0.1"));
+    assert_eq!(pod.spec.and_then(|s| s.node_name), Some(node.config.node_name.clone()));
+
+    node.stop().await?;
+    op.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_whole_pipeline_runs_for_real_on_the_dev_node() -> Result<()> {
+    let _turn = TURN.lock().await;
+    let (client, ns) = namespace_with_crds("dev-node-pipeline").await?;
+    let op = Operator::start(&client, &ns.name).await?;
+    let StoreConfig::Local { mount_path: store, .. } = &op.config.store else { anyhow::bail!("a local store") };
+    let smol =
+        llmops_worker::engine::load(&llmops_tests::test_model()?, &candle_core::Device::Cpu, Default::default())?;
+    llmops_worker::engine::tiny::write_tiny_llama(&store.join("imports/tiny"), &smol, 3)?;
+    let node = dev_node(&client, &ns.name).await?;
+
+    let mut dataset = example("dataset.yaml")?;
+    let mut tune = example("finetunejob.yaml")?;
+    tune["spec"]["model"] = json!({"uri": "store://imports/tiny/", "format": "hf"});
+    tune["spec"]["hyperparameters"] = json!({
+        "epochs": 100, "maxSteps": 6, "batchSize": 2, "learningRate": 0.001, "maxSeqLength": 64, "evalInterval": 3,
+    });
+    tune["spec"]["checkpoints"] = json!({"intervalSteps": 3});
+    let prompt = example("promptversion.yaml")?;
+    let mut eval = example("evalrun.yaml")?;
+    eval["spec"]["target"]["model"] = json!({"uri": "store://imports/tiny/", "format": "hf"});
+    eval["spec"]["metrics"] = json!(["perplexity", "contains"]);
+    // A random model's perplexity is huge (around 1e12) and it contains no answer: the bar
+    // is one it passes, the point is a verdict computed for real.
+    eval["spec"]["thresholds"] = json!([{"metric": "contains", "min": 0.0}]);
+    for m in [&mut dataset, &mut tune, &mut eval] {
+        place_on(m, &node);
+    }
+    // In reverse order: each waits for what it references.
+    for m in [&eval, &tune, &prompt, &dataset] {
+        apply(&client, &ns.name, m).await?;
+    }
+
+    let datasets: Api<Dataset> = Api::namespaced(client.clone(), &ns.name);
+    let tunes: Api<FineTuneJob> = Api::namespaced(client.clone(), &ns.name);
+    let prompts: Api<PromptVersion> = Api::namespaced(client.clone(), &ns.name);
+    let evals: Api<EvalRun> = Api::namespaced(client.clone(), &ns.name);
+    let ds = finished(
+        "the Dataset to succeed",
+        async || Ok(datasets.get("acme-facts").await?),
+        |d: &Dataset| d.status.clone().map(|s| s.common.conditions).unwrap_or_default(),
+        "Succeeded",
+    )
+    .await?;
+    assert!(ds.status.as_ref().and_then(|s| s.artifact.as_ref()).is_some_and(|a| a.sha256.len() == 64));
+    finished(
+        "the PromptVersion to be Ready",
+        async || Ok(prompts.get("acme-support-v1").await?),
+        |p: &PromptVersion| p.status.clone().map(|s| s.common.conditions).unwrap_or_default(),
+        "Ready",
+    )
+    .await?;
+    let ft = finished(
+        "the FineTuneJob to succeed",
+        async || Ok(tunes.get("acme-facts-lora").await?),
+        |f: &FineTuneJob| f.status.clone().map(|s| s.common.conditions).unwrap_or_default(),
+        "Succeeded",
+    )
+    .await?;
+    let ft_status = ft.status.clone().context("status")?;
+    assert_eq!(ft_status.progress.as_deref(), Some("6/6"), "{ft_status:?}");
+    let run = finished(
+        "the EvalRun to succeed",
+        async || Ok(evals.get("acme-facts-lora-eval").await?),
+        |e: &EvalRun| e.status.clone().map(|s| s.common.conditions).unwrap_or_default(),
+        "Succeeded",
+    )
+    .await?;
+    let status = run.status.clone().context("status")?;
+    let passed = condition(&status.common.conditions, "Passed").context("Passed")?;
+    assert_eq!(passed.status, "True", "{passed:?}");
+    assert_eq!(status.passed, Some(true));
+    let perplexity = status.metrics.iter().find(|m| format!("{:?}", m.metric).eq_ignore_ascii_case("perplexity"));
+    assert!(perplexity.is_some_and(|m| m.value.is_finite() && m.value > 1.0), "{:?}", status.metrics);
+    assert!(ready(&status.common.conditions));
+
+    // Every worker pod ran here as a process with its own loopback address, and ended 0.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let workers = pods.list(&ListParams::default().labels("llmops.dev/worker=true")).await?.items;
+    assert_eq!(workers.len(), 3, "one pod each for the Dataset, FineTuneJob and EvalRun");
+    for pod in &workers {
+        assert!(pod_ip(pod).starts_with("127.0.0."), "{}: {:?}", pod.name_any(), pod.status);
+        assert_eq!(exit_code(pod), Some(0), "{}", log_of(&node, pod));
+        assert_eq!(pod.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded"));
+    }
+
+    // Deleting a running workload stops its process and the pod goes.
+    let mut long = tune.clone();
+    long["metadata"]["name"] = json!("long-run");
+    long["spec"]["hyperparameters"]["maxSteps"] = json!(100_000);
+    long["spec"]["checkpoints"] = json!({"intervalSteps": 100_000});
+    apply(&client, &ns.name, &long).await?;
+    let uid = eventually("the long FineTuneJob", WAIT, || async { Ok(tunes.get_opt("long-run").await?) })
+        .await?
+        .uid()
+        .context("uid")?;
+    let running = eventually("its pod to run", WAIT, || async {
+        Ok(pods_of(&client, &ns.name, &uid).await?.into_iter().find(|p| pid(p).is_some() && exit_code(p).is_none()))
+    })
+    .await?;
+    let pid = pid(&running).context("pid")?;
+    assert!(std::path::Path::new(&format!("/proc/{pid}")).exists(), "the process runs");
+    eventually("training progress", WAIT, || async {
+        let s = tunes.get("long-run").await?.status.unwrap_or_default();
+        Ok(s.progress.filter(|p| !p.starts_with("0/")).map(|_| ()))
+    })
+    .await
+    .with_context(|| log_of(&node, &running))?;
+    tunes.delete("long-run", &DeleteParams::background()).await?;
+    eventually("the FineTuneJob, its pod and its process to go", RUN, || async {
+        let gone = tunes.get_opt("long-run").await?.is_none()
+            && pods.get_opt(&running.name_any()).await?.is_none()
+            && !std::path::Path::new(&format!("/proc/{pid}")).exists();
+        Ok(gone.then_some(()))
+    })
+    .await
+    .with_context(|| log_of(&node, &running))?;
+
+    // The finalizer needs the operator: remove the finished job too, so the namespace can go.
+    tunes.delete("acme-facts-lora", &DeleteParams::background()).await?;
+    eventually("the FineTuneJob to go", WAIT, || async {
+        Ok(tunes.get_opt("acme-facts-lora").await?.is_none().then_some(()))
+    })
+    .await?;
+    node.stop().await?;
+    op.stop().await;
+    Ok(())
+}
+
+fn ready(conds: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]) -> bool {
+    condition(conds, "Ready").is_some_and(|c| c.status == "True")
+}
