@@ -987,3 +987,120 @@ async fn delete_finetunes(client: &Client, ns: &str) -> Result<()> {
     })
     .await
 }
+
+#[tokio::test]
+async fn a_prompt_version_gets_its_digest_and_config_map_and_a_bad_one_says_why() -> Result<()> {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let (client, ns) = namespace_with_crds("op-prompt").await?;
+    let op = Operator::start(&client, &ns.name).await?;
+    apply(&client, &ns.name, &example("promptversion.yaml")?).await?;
+    let prompts: Api<PromptVersion> = Api::namespaced(client.clone(), &ns.name);
+    let pv = eventually("the PromptVersion to be Ready", WAIT, || async {
+        let p = prompts.get("acme-support-v1").await?;
+        let ready = p.status.as_ref().and_then(|s| condition(&s.common.conditions, "Ready").cloned());
+        Ok(ready.filter(|c| c.status == "True").map(|_| p))
+    })
+    .await?;
+    let status = pv.status.clone().context("status")?;
+    assert_eq!(status.digest.as_deref(), Some(pv.spec.digest().as_str()), "the digest is the shared renderer's");
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns.name);
+    let cm = cms.get(status.config_map.as_deref().context("configMap in status")?).await?;
+    assert_eq!(cm.owner_references().first().map(|o| o.uid.clone()), pv.uid());
+    let data = cm.data.unwrap_or_default();
+    let examples: Value = serde_json::from_str(data.get("examples.json").context("examples.json")?)?;
+    assert_eq!(
+        examples["robot"]["messages"][1]["content"], "What is the name of Acme's support robot?",
+        "the example is rendered: {examples:#}"
+    );
+    let prompt: Value = serde_json::from_str(data.get("prompt.json").context("prompt.json")?)?;
+    assert_eq!(prompt["sha256"].as_str(), status.digest.as_deref());
+
+    // An example that leaves a required variable out: not Ready, and it says which.
+    let mut bad = example("promptversion.yaml")?;
+    bad["metadata"]["name"] = "acme-support-broken".into();
+    bad["spec"]["examples"] = serde_json::json!([{"name": "empty", "variables": {}}]);
+    apply(&client, &ns.name, &bad).await?;
+    let ready = eventually("the broken PromptVersion's verdict", WAIT, || async {
+        let p = prompts.get("acme-support-broken").await?;
+        Ok(p.status.and_then(|s| condition(&s.common.conditions, "Ready").cloned()))
+    })
+    .await?;
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "ExampleFailed"), "{ready:?}");
+    assert!(ready.message.contains("\"prompt\" is required"), "{}", ready.message);
+
+    // Deleting the PromptVersion takes its ConfigMap with it.
+    prompts.delete("acme-support-v1", &DeleteParams::foreground()).await?;
+    let name = status.config_map.clone().unwrap_or_default();
+    eventually("the ConfigMap to be collected", WAIT, || async {
+        Ok(cms.get_opt(&name).await?.is_none().then_some(()))
+    })
+    .await?;
+    op.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_eval_run_of_an_endpoint_gets_a_job_with_its_api_key_and_goes_with_it() -> Result<()> {
+    let (client, ns) = namespace_with_crds("op-evalrun").await?;
+    let op = Operator::start(&client, &ns.name).await?;
+    ready_dataset(&client, &ns.name, &op).await?;
+    let secret = serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "vendor-key"},
+        "stringData": {"token": "sk-test"}
+    });
+    apply(&client, &ns.name, &secret).await?;
+    let run = serde_json::json!({
+        "apiVersion": "llmops.dev/v1alpha1", "kind": "EvalRun", "metadata": {"name": "vendor-eval"},
+        "spec": {
+            "target": {"endpoint": {"url": "https://api.example.com/v1", "model": "vendor-small",
+                                    "apiKeySecret": {"name": "vendor-key", "key": "token"}}},
+            "dataset": {"name": "acme-facts", "split": "test"},
+            "metrics": ["contains", "tokenF1"],
+            "thresholds": [{"metric": "tokenF1", "min": 0.5}],
+            "resources": {"gpus": 0, "cpu": "1", "memory": "1Gi"}
+        }
+    });
+    apply(&client, &ns.name, &run).await?;
+    let evals: Api<EvalRun> = Api::namespaced(client.clone(), &ns.name);
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns.name);
+    let job = eventually("the EvalRun's Job", WAIT, || async { Ok(jobs.get_opt("vendor-eval-eval").await?) }).await?;
+    let uid = evals.get("vendor-eval").await?.uid().context("uid")?;
+    assert_eq!(job.owner_references().first().map(|o| o.uid.clone()), Some(uid.clone()));
+    let pod = job.spec.and_then(|s| s.template.spec).context("pod spec")?;
+    let container = &pod.containers[0];
+    let env: BTreeMap<String, Option<String>> =
+        container.env.clone().unwrap_or_default().into_iter().map(|e| (e.name, e.value)).collect();
+    assert_eq!(env["LLMOPS_WORKLOAD"].clone(), Some(format!("{}/EvalRun/vendor-eval/{uid}", ns.name)));
+    assert_eq!(env["NVIDIA_VISIBLE_DEVICES"].as_deref(), Some("void"));
+    let mounted = pod
+        .volumes
+        .unwrap_or_default()
+        .into_iter()
+        .any(|v| v.secret.is_some_and(|s| s.secret_name.as_deref() == Some("vendor-key")));
+    assert!(mounted, "the API key Secret is mounted");
+
+    // The worker is handed the endpoint and the key file, never the key itself.
+    let token = read_token(&client, &ns.name, "vendor-eval-eval-token").await?;
+    let w = workload(&evals.get("vendor-eval").await?);
+    let fetched = op
+        .client()
+        .await?
+        .fetch(bearer(FetchRequest { workload: Some(w), pod: "p".into(), worker_version: "t".into() }, &token)?)
+        .await?
+        .into_inner();
+    let Some(v1::assignment::Mode::Eval(e)) = fetched.assignment.and_then(|a| a.mode) else { bail!("no eval") };
+    let Some(v1::eval_target::Target::Endpoint(endpoint)) = e.target.and_then(|t| t.target) else {
+        bail!("no endpoint target")
+    };
+    assert_eq!(endpoint.url, "https://api.example.com/v1");
+    assert!(endpoint.api_key_file.ends_with("/vendor-key/token"), "{}", endpoint.api_key_file);
+    assert!(e.data.is_some_and(|d| d.uri.ends_with("/test.parquet")));
+
+    evals.delete("vendor-eval", &DeleteParams::foreground()).await?;
+    eventually("the Job to be collected", WAIT, || async {
+        Ok(jobs.get_opt("vendor-eval-eval").await?.is_none().then_some(()))
+    })
+    .await?;
+    op.stop().await;
+    Ok(())
+}
