@@ -30,6 +30,9 @@ pub async fn run(client: kube::Client, config: Config) -> anyhow::Result<()> {
     let gateway = gateway::Gateway::new(metrics.clone(), config.progress_interval);
     let listener = tokio::net::TcpListener::bind(config.gateway_listen).await?;
     tracing::info!(addr = %config.gateway_listen, advertised = %config.gateway_address, "worker gateway listening");
+    // However run() ends (an error, or its caller dropping it), open worker sessions end
+    // with it, so workers reconnect to the next operator instead of waiting on this one.
+    let _sessions = EndSessionsOnDrop(gateway.clone());
     let ctx = Arc::new(context::Context::new(client, config.clone(), metrics.clone(), gateway.clone()));
     let gateway_task = gateway::service::serve_with_listener(listener, gateway, std::future::pending());
     let metrics_task = async {
@@ -42,5 +45,14 @@ pub async fn run(client: kube::Client, config: Config) -> anyhow::Result<()> {
         r = gateway_task => r.map_err(|e| anyhow::anyhow!("worker gateway: {e}")),
         r = metrics_task => r.map_err(|e| anyhow::anyhow!("metrics server: {e}")),
         () = controllers::run(ctx) => Err(anyhow::anyhow!("the controllers stopped")),
+    }
+}
+
+/// Shuts the gateway's sessions down when dropped.
+struct EndSessionsOnDrop(Arc<gateway::Gateway>);
+
+impl Drop for EndSessionsOnDrop {
+    fn drop(&mut self) {
+        self.0.shut_down();
     }
 }

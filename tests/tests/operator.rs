@@ -1104,3 +1104,61 @@ async fn an_eval_run_of_an_endpoint_gets_a_job_with_its_api_key_and_goes_with_it
     op.stop().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_real_agent_rides_out_an_operator_restart_and_its_result_lands() -> Result<()> {
+    let (client, ns) = namespace_with_crds("op-agent-restart").await?;
+    let op = Operator::start(&client, &ns.name).await?;
+    let store = TestStore::Local(store_of(&op.config)?);
+    prepare_with_agent(&client, &ns.name, &store).await?;
+    let smol =
+        llmops_worker::engine::load(&llmops_tests::test_model()?, &candle_core::Device::Cpu, Default::default())?;
+    let tiny = std::env::temp_dir().join(format!("llmops-tiny-{}", ns.name));
+    llmops_worker::engine::tiny::write_tiny_llama(&tiny, &smol, 5)?;
+    store.put_dir(&tiny, "imports/tiny").await?;
+    let mut ftj = example("finetunejob.yaml")?;
+    ftj["spec"]["model"] = serde_json::json!({"uri": "store://imports/tiny/", "format": "hf"});
+    ftj["spec"]["dataset"] = serde_json::json!({"name": "acme-facts"});
+    ftj["spec"]["hyperparameters"] =
+        serde_json::json!({"epochs": 1000, "maxSteps": 150, "batchSize": 2, "learningRate": 0.001, "maxSeqLength": 64});
+    apply(&client, &ns.name, &ftj).await?;
+    let tunes: Api<FineTuneJob> = Api::namespaced(client.clone(), &ns.name);
+    let uid = eventually("the FineTuneJob", WAIT, || async { Ok(tunes.get_opt("acme-facts-lora").await?) })
+        .await?
+        .uid()
+        .context("uid")?;
+    let pod = pod_of(&client, &ns.name, &uid).await?;
+    let mut agent = Agent::start_with_env(&client, &ns.name, &pod, "acme-facts-lora-finetune-token", &[]).await?;
+    eventually("training progress in status", WAIT, || async {
+        let s = tunes.get("acme-facts-lora").await?.status.unwrap_or_default();
+        Ok(s.progress.is_some().then_some(()))
+    })
+    .await
+    .with_context(|| agent.log_text())?;
+
+    // The operator goes away mid-run and comes back on the same address.
+    let config = op.stop().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let op = Operator::start_with(&client, config).await?;
+    let exit = agent.exited().await?;
+    assert!(exit.success(), "{}", agent.log_text());
+    assert!(agent.log_text().contains("session"), "the agent noticed the gateway leave:\n{}", agent.log_text());
+    let status = tunes.get("acme-facts-lora").await?.status.context("status")?;
+    assert!(
+        condition(&status.common.conditions, "Succeeded").is_some_and(|c| c.status == "True"),
+        "{:?}\n{}",
+        status.common.conditions,
+        agent.log_text()
+    );
+    let out = store_of(&op.config)?.join(&ns.name).join("finetunejob/acme-facts-lora").join(&uid).join("output");
+    let manifest = llmops_worker::store::file_sha256(&out.join("manifest.json"))?;
+    assert_eq!(status.artifact.map(|a| a.sha256), Some(manifest), "the result reached the status");
+    let selector = ListParams::default().labels(&format!("llmops.dev/uid={uid}"));
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    assert_eq!(jobs.list(&selector).await?.items.len(), 1, "one Job");
+    assert_eq!(pods.list(&selector).await?.items.len(), 1, "one pod");
+    delete_finetunes(&client, &ns.name).await?;
+    op.stop().await;
+    Ok(())
+}

@@ -116,6 +116,9 @@ pub struct Gateway {
     metrics: Arc<Metrics>,
     progress_interval: Duration,
     next_session: std::sync::atomic::AtomicU64,
+    /// True once the operator is going away: open sessions end so workers reconnect to
+    /// the next instance instead of waiting on this one.
+    stopping: tokio::sync::watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -149,7 +152,21 @@ impl Gateway {
             metrics,
             progress_interval,
             next_session: std::sync::atomic::AtomicU64::new(1),
+            stopping: tokio::sync::watch::Sender::new(false),
         })
+    }
+
+    /// Ends every open session (workers reconnect and resend what was not acknowledged).
+    pub fn shut_down(&self) {
+        self.stopping.send_replace(true);
+    }
+
+    /// Resolves once [`Self::shut_down`] was called.
+    pub fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.stopping.subscribe();
+        async move {
+            let _ = rx.wait_for(|stopping| *stopping).await;
+        }
     }
 
     /// The metrics the gateway counts into.

@@ -78,18 +78,26 @@ impl WorkerGateway for GatewayService {
         let gateway = self.gateway.clone();
         let id = gateway.open_session(&key, tx.clone());
         tracing::info!(workload = %key, pod = %first.pod, "worker session opened");
+        let stopped = gateway.stopped();
         tokio::spawn(async move {
+            tokio::pin!(stopped);
             let mut next = Some(first);
             loop {
                 let event = match next.take() {
                     Some(e) => e,
-                    None => match events.next().await {
-                        Some(Ok(e)) => e,
-                        Some(Err(status)) => {
-                            tracing::debug!(workload = %key, %status, "worker session ended with an error");
+                    None => tokio::select! {
+                        received = events.next() => match received {
+                            Some(Ok(e)) => e,
+                            Some(Err(status)) => {
+                                tracing::debug!(workload = %key, %status, "worker session ended with an error");
+                                break;
+                            }
+                            None => break,
+                        },
+                        () = &mut stopped => {
+                            let _ = tx.send(Err(Status::unavailable("the operator is shutting down; reconnect"))).await;
                             break;
                         }
-                        None => break,
                     },
                 };
                 if let Some(w) = event.workload.as_ref().filter(|w| !w.uid.is_empty())
@@ -106,7 +114,11 @@ impl WorkerGateway for GatewayService {
                 match gateway.record(&key, &event.pod, event.seq, body) {
                     Recorded::Ack => {}
                     Recorded::AckWhenPersisted(version) => {
-                        if !gateway.wait_persisted(&key.uid, version, PERSIST_TIMEOUT).await {
+                        let persisted = tokio::select! {
+                            persisted = gateway.wait_persisted(&key.uid, version, PERSIST_TIMEOUT) => persisted,
+                            () = &mut stopped => false,
+                        };
+                        if !persisted {
                             let _ = tx
                                 .send(Err(Status::unavailable(
                                     "the result could not be recorded yet; reconnect and resend",
