@@ -340,6 +340,14 @@ fn scripted(mode: &'static str) -> Scripted {
     Scripted { port, requests, _runtime: runtime }
 }
 
+/// Evaluates the scripted server on `data` into `out`, with `extra` flags.
+fn eval_scripted(server: &Scripted, data: &Path, out: &Path, extra: &[&str]) -> Output {
+    let url = format!("http://127.0.0.1:{}/v1", server.port);
+    let mut args = vec!["--endpoint", &url, "--endpoint-model", "m", "--data", path(data), "--out", path(out)];
+    args.extend(extra);
+    eval(&args)
+}
+
 /// Ten questions; the output must contain the expected answer.
 fn arithmetic(dir: &Path) -> PathBuf {
     let rows: Vec<Value> = (0..10)
@@ -358,23 +366,12 @@ fn retries_ride_out_rate_limits() {
     let server = scripted("flaky");
     let data = arithmetic(&dir);
     let out = dir.join("out");
-    let url = format!("http://127.0.0.1:{}/v1", server.port);
-    let run = eval(&[
-        "--endpoint",
-        &url,
-        "--endpoint-model",
-        "m",
-        "--data",
-        path(&data),
-        "--out",
-        path(&out),
-        "--metric",
-        "exactMatch",
-        "--threshold",
-        "exactMatch>=1",
-        "--concurrency",
-        "4",
-    ]);
+    let run = eval_scripted(
+        &server,
+        &data,
+        &out,
+        &["--metric", "exactMatch", "--threshold", "exactMatch>=1", "--concurrency", "4"],
+    );
     assert!(run.status.success(), "{}", log(&run));
     let r = results(&out);
     assert_eq!((r["errors"].as_u64(), metric(&r, "exactMatch")), (Some(0), 1.0), "{r:#}");
@@ -389,23 +386,12 @@ fn an_endpoint_answering_500_to_most_requests_fails_the_run() {
     let server = scripted("broken");
     let data = arithmetic(&dir);
     let out = dir.join("out");
-    let url = format!("http://127.0.0.1:{}/v1", server.port);
-    let run = eval(&[
-        "--endpoint",
-        &url,
-        "--endpoint-model",
-        "m",
-        "--data",
-        path(&data),
-        "--out",
-        path(&out),
-        "--metric",
-        "contains",
-        "--max-error-fraction",
-        "0.1",
-        "--concurrency",
-        "2",
-    ]);
+    let run = eval_scripted(
+        &server,
+        &data,
+        &out,
+        &["--metric", "contains", "--max-error-fraction", "0.1", "--concurrency", "2"],
+    );
     assert_eq!(run.status.code(), Some(1), "{}", log(&run));
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(stderr.contains("TargetErrors") && stderr.contains("HTTP 500: the model crashed"), "{stderr}");

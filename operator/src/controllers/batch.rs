@@ -74,6 +74,38 @@ pub struct Pinned {
     pub secret_files: Vec<SecretFile>,
 }
 
+/// The members of [`BatchKind`] every batch kind implements alike: its status type,
+/// the shared part of the status (conditions, times, attempts), and the spec's
+/// `resources` and `backoffLimit`.
+macro_rules! batch_accessors {
+    ($status:ty) => {
+        type Status = $status;
+
+        fn status_ref(&self) -> Option<&$status> {
+            self.status.as_ref()
+        }
+
+        fn batch(s: &$status) -> BatchState {
+            BatchState { common: s.common.clone(), times: s.times.clone(), attempts: s.attempts }
+        }
+
+        fn set_batch(s: &mut $status, state: BatchState) {
+            s.common = state.common;
+            s.times = state.times;
+            s.attempts = state.attempts;
+        }
+
+        fn resources(&self) -> Option<&Resources> {
+            self.spec.resources.as_ref()
+        }
+
+        fn backoff_limit(&self) -> i32 {
+            self.spec.backoff_limit
+        }
+    };
+}
+pub(crate) use batch_accessors;
+
 /// A batch kind.
 pub trait BatchKind:
     Resource<DynamicType = (), Scope = NamespaceResourceScope>

@@ -8,7 +8,7 @@ use llmops_crds::dataset::{RecordCounts, SplitCounts, TokenCounts, TransformDrop
 use llmops_crds::{Artifact, Dataset, DatasetStatus, Lineage, LineageInput, Resources};
 use serde_json::Value;
 
-use super::batch::{BatchKind, Pinned, Plan};
+use super::batch::{BatchKind, Pinned, Plan, batch_accessors};
 use super::{resolve_model, spec_hash};
 use crate::assignment::{self, ResolvedDatasetInputs};
 use crate::context::Context;
@@ -19,29 +19,7 @@ use crate::workload::WorkloadKey;
 
 impl BatchKind for Dataset {
     const SUFFIX: &'static str = "prepare";
-    type Status = DatasetStatus;
-
-    fn status_ref(&self) -> Option<&DatasetStatus> {
-        self.status.as_ref()
-    }
-
-    fn batch(s: &DatasetStatus) -> BatchState {
-        BatchState { common: s.common.clone(), times: s.times.clone(), attempts: s.attempts }
-    }
-
-    fn set_batch(s: &mut DatasetStatus, state: BatchState) {
-        s.common = state.common;
-        s.times = state.times;
-        s.attempts = state.attempts;
-    }
-
-    fn resources(&self) -> Option<&Resources> {
-        self.spec.resources.as_ref()
-    }
-
-    fn backoff_limit(&self) -> i32 {
-        self.spec.backoff_limit
-    }
+    batch_accessors!(DatasetStatus);
 
     async fn plan(&self, ctx: &Context, key: &WorkloadKey) -> Result<Plan> {
         let mut inputs = ResolvedDatasetInputs::default();

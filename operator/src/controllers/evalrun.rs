@@ -15,7 +15,7 @@ use llmops_crds::{EvalRun, EvalRunStatus, Lineage, LineageInput, ModelDeployment
 use llmops_proto::v1;
 use serde::Deserialize;
 
-use super::batch::{BatchKind, Pinned, Plan};
+use super::batch::{BatchKind, Pinned, Plan, batch_accessors};
 use super::{finished_job, resolve_dataset, resolve_model, spec_hash};
 use crate::assignment::{self, ResolvedTarget, api_key_key};
 use crate::conditions;
@@ -44,29 +44,7 @@ macro_rules! ready_or_wait {
 
 impl BatchKind for EvalRun {
     const SUFFIX: &'static str = "eval";
-    type Status = EvalRunStatus;
-
-    fn status_ref(&self) -> Option<&EvalRunStatus> {
-        self.status.as_ref()
-    }
-
-    fn batch(s: &EvalRunStatus) -> BatchState {
-        BatchState { common: s.common.clone(), times: s.times.clone(), attempts: s.attempts }
-    }
-
-    fn set_batch(s: &mut EvalRunStatus, state: BatchState) {
-        s.common = state.common;
-        s.times = state.times;
-        s.attempts = state.attempts;
-    }
-
-    fn resources(&self) -> Option<&Resources> {
-        self.spec.resources.as_ref()
-    }
-
-    fn backoff_limit(&self) -> i32 {
-        self.spec.backoff_limit
-    }
+    batch_accessors!(EvalRunStatus);
 
     async fn plan(&self, ctx: &Context, key: &WorkloadKey) -> Result<Plan> {
         let ns = &key.namespace;

@@ -7,7 +7,7 @@
 use llmops_crds::finetune::CheckpointStatus;
 use llmops_crds::{Artifact, FineTuneJob, FineTuneJobStatus, Lineage, LineageInput, Resources};
 
-use super::batch::{BatchKind, Pinned, Plan};
+use super::batch::{BatchKind, Pinned, Plan, batch_accessors};
 use super::{resolve_dataset, resolve_model, spec_hash};
 use crate::assignment;
 use crate::context::Context;
@@ -19,29 +19,7 @@ use crate::workload::WorkloadKey;
 impl BatchKind for FineTuneJob {
     const SUFFIX: &'static str = "finetune";
     const CHECKPOINT_ON_STOP: bool = true;
-    type Status = FineTuneJobStatus;
-
-    fn status_ref(&self) -> Option<&FineTuneJobStatus> {
-        self.status.as_ref()
-    }
-
-    fn batch(s: &FineTuneJobStatus) -> BatchState {
-        BatchState { common: s.common.clone(), times: s.times.clone(), attempts: s.attempts }
-    }
-
-    fn set_batch(s: &mut FineTuneJobStatus, state: BatchState) {
-        s.common = state.common;
-        s.times = state.times;
-        s.attempts = state.attempts;
-    }
-
-    fn resources(&self) -> Option<&Resources> {
-        self.spec.resources.as_ref()
-    }
-
-    fn backoff_limit(&self) -> i32 {
-        self.spec.backoff_limit
-    }
+    batch_accessors!(FineTuneJobStatus);
 
     fn suspend(&self) -> bool {
         self.spec.suspend
