@@ -151,6 +151,38 @@ fn endpoint_evaluation_against_serve_and_a_failing_gate() {
     assert_eq!(worst["output"], body["choices"][0]["message"]["content"], "{r:#}");
     assert!(String::from_utf8_lossy(&run.stdout).contains("FAILED: "), "{}", log(&run));
 
+    // The same model evaluated locally sees exactly the outputs the server gives.
+    let local_out = dir.join("local");
+    let run = eval(&[
+        "--model",
+        path(&model),
+        "--data",
+        path(&data),
+        "--out",
+        path(&local_out),
+        "--max-tokens",
+        "16",
+        "--metric",
+        "rougeL",
+    ]);
+    assert!(run.status.success(), "{}", log(&run));
+    let local = results(&local_out);
+    let outputs = |r: &Value| -> std::collections::BTreeMap<u64, String> {
+        r["worstSamples"]
+            .as_array()
+            .expect("worst samples")
+            .iter()
+            .map(|w| (w["index"].as_u64().expect("index"), w["output"].as_str().expect("output").to_string()))
+            .collect()
+    };
+    let (served, loaded) = (outputs(&r), outputs(&local));
+    for (index, text) in &loaded {
+        if let Some(theirs) = served.get(index) {
+            assert_eq!(text, theirs, "sample {index}: local and served outputs differ");
+        }
+    }
+    assert_eq!(metric(&local, "rougeL"), metric(&r, "rougeL"));
+
     let wrong = dir.join("wrong");
     std::fs::write(&wrong, "sk-wrong").expect("key");
     let out2 = dir.join("out2");

@@ -295,8 +295,9 @@ pub fn run(assignment: &Assignment) -> Result<Value> {
             let weights =
                 local.model.as_ref().and_then(|m| m.weights.as_ref()).context("eval.target.local.model is required")?;
             let path = local_path(&weights.uri, store)?;
+            let device = engine::device();
             let (model, model_digest) =
-                engine::load_verified(&path, &weights.sha256, &engine::device(), WeightFormat::AsStored)?;
+                engine::load_verified(&path, &weights.sha256, &device, weight_format(&plan, &path, &device))?;
             evaluated["modelDigest"] = json!(model_digest.clone().map_or_else(|| dir_digest(&path), Ok)?);
             let adapter = match &local.adapter {
                 Some(a) => {
@@ -386,6 +387,16 @@ pub fn run(assignment: &Assignment) -> Result<Value> {
     results["spec"] = serde_json::to_value(spec)?;
     write(&plan, &results)?;
     Ok(results)
+}
+
+/// How a local model's weights are held. Log-likelihood metrics keep a GGUF's quantized
+/// arithmetic everywhere (their values then match llama.cpp's); generation alone uses the
+/// layout `serve` uses on a CPU (dense weights for prompts, quantized for decoding), so
+/// an evaluation sees the outputs the deployment would serve, with prompts processed
+/// several times faster.
+fn weight_format(plan: &Plan<'_>, path: &Path, device: &candle_core::Device) -> WeightFormat {
+    let scores = plan.metrics.iter().any(|m| matches!(m, Metric::Perplexity | Metric::MultipleChoice));
+    if !scores && device.is_cpu() && path.is_file() { WeightFormat::Hybrid } else { WeightFormat::AsStored }
 }
 
 fn read_key(file: &str, store: Option<&Store>) -> Result<Option<String>> {
