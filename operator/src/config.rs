@@ -71,6 +71,19 @@ pub struct RunArgs {
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     pub log_format: String,
+    /// Run only while holding a Lease, so several replicas can run and one works.
+    #[arg(long)]
+    pub leader_elect: bool,
+    /// Namespace of the leader Lease (default: the pod's, from POD_NAMESPACE).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "llmops-system")]
+    pub leader_election_namespace: String,
+    /// Name of the leader Lease.
+    #[arg(long, default_value = "llmops-operator")]
+    pub leader_election_lease: String,
+    /// This replica's identity in the Lease (default: POD_NAME, else the host name, with
+    /// a random suffix).
+    #[arg(long, env = "POD_NAME")]
+    pub leader_election_identity: Option<String>,
 }
 
 /// Parses "500ms", "2s", "3m" or a plain number of seconds.
@@ -153,6 +166,8 @@ pub struct Config {
     pub progress_interval: Duration,
     /// Grace period for checkpoint-and-stop.
     pub checkpoint_grace: Duration,
+    /// Work only while holding this Lease; None: always.
+    pub leader_election: Option<crate::leader::LeaderElection>,
 }
 
 impl Config {
@@ -170,6 +185,7 @@ impl Config {
             metrics_listen: None,
             progress_interval: Duration::from_secs(2),
             checkpoint_grace: Duration::from_secs(120),
+            leader_election: None,
         }
     }
 }
@@ -205,6 +221,21 @@ impl From<&RunArgs> for Config {
             metrics_listen: Some(args.metrics_listen),
             progress_interval: args.progress_interval,
             checkpoint_grace: args.checkpoint_grace,
+            leader_election: args.leader_elect.then(|| {
+                let base = args
+                    .leader_election_identity
+                    .clone()
+                    .or_else(|| std::env::var("HOSTNAME").ok())
+                    .unwrap_or_else(|| "llmops-operator".into());
+                // Unique even when two processes share a name (a restart racing its predecessor).
+                let mut random = [0u8; 4];
+                let suffix = getrandom::fill(&mut random).map(|()| hex::encode(random)).unwrap_or_default();
+                crate::leader::LeaderElection::new(
+                    args.leader_election_namespace.clone(),
+                    args.leader_election_lease.clone(),
+                    format!("{base}_{suffix}"),
+                )
+            }),
         }
     }
 }

@@ -49,15 +49,30 @@ fn run(args: llmops_operator::RunArgs) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+        let election = config.leader_election.clone();
         tokio::select! {
-            r = llmops_operator::run(client, config) => r,
-            r = tokio::signal::ctrl_c() => {
-                r?;
-                tracing::info!("interrupted; stopping");
+            r = llmops_operator::run(client.clone(), config) => r,
+            () = stop_signal() => {
+                tracing::info!("asked to stop; stopping");
+                // Hand the Lease over now rather than after it runs out.
+                if let Some(election) = election {
+                    llmops_operator::leader::release(&client, &election).await;
+                }
                 Ok(())
             }
         }
     })
+}
+
+/// Resolves on SIGTERM (what Kubernetes sends a pod) or Ctrl-C.
+async fn stop_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+        return;
+    }
+    let _ = ctrl_c.await;
 }
 
 fn crds(write: Option<PathBuf>) -> Result<()> {

@@ -1162,3 +1162,65 @@ async fn a_real_agent_rides_out_an_operator_restart_and_its_result_lands() -> Re
     op.stop().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn with_leader_election_one_replica_works_and_the_other_takes_over() -> Result<()> {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let (client, ns) = namespace_with_crds("op-leader").await?;
+    let replica = |identity: &str| -> Result<llmops_operator::Config> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let addr = format!("127.0.0.1:{port}");
+        let mut config = Config::new(addr.parse()?, addr);
+        config.namespaces = vec![ns.name.clone()];
+        let mut election = llmops_operator::leader::LeaderElection::new(&ns.name, "llmops-operator", identity);
+        election.lease_duration = Duration::from_secs(3);
+        election.renew_interval = Duration::from_secs(1);
+        config.leader_election = Some(election);
+        Ok(config)
+    };
+    let (a, b) = (replica("replica-a")?, replica("replica-b")?);
+    let first = tokio::spawn(llmops_operator::run(client.clone(), a.clone()));
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns.name);
+    let holder = |lease: &Lease| lease.spec.as_ref().and_then(|s| s.holder_identity.clone()).unwrap_or_default();
+    eventually("replica a to lead", WAIT, || async {
+        Ok(leases.get_opt("llmops-operator").await?.filter(|l| holder(l) == "replica-a").map(|_| ()))
+    })
+    .await?;
+    let second = tokio::spawn(llmops_operator::run(client.clone(), b.clone()));
+    apply(&client, &ns.name, &example("dataset.yaml")?).await?;
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns.name);
+    eventually("the leader to create the Job", WAIT, || async { Ok(jobs.get_opt("acme-facts-prepare").await?) })
+        .await?;
+    assert!(tokio::net::TcpStream::connect(&b.gateway_address).await.is_err(), "the waiting replica serves no gateway");
+
+    // The leader goes away without a word; after its Lease runs out the other works.
+    first.abort();
+    let _ = first.await;
+    let lease = eventually("replica b to take over", WAIT, || async {
+        Ok(leases.get_opt("llmops-operator").await?.filter(|l| holder(l) == "replica-b"))
+    })
+    .await?;
+    assert_eq!(lease.spec.and_then(|s| s.lease_transitions), Some(1));
+    eventually("the new leader's gateway", WAIT, || async {
+        Ok(tokio::net::TcpStream::connect(&b.gateway_address).await.ok().map(|_| ()))
+    })
+    .await?;
+    // It took over the Dataset: its token and Assignment are served, nothing is created twice.
+    let datasets: Api<Dataset> = Api::namespaced(client.clone(), &ns.name);
+    let ds = datasets.get("acme-facts").await?;
+    let token = read_token(&client, &ns.name, "acme-facts-prepare-token").await?;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", b.gateway_address))?.connect().await?;
+    let gw = llmops_proto::v1::worker_gateway_client::WorkerGatewayClient::new(channel);
+    eventually("the assignment from the new leader", WAIT, || {
+        let request = FetchRequest { workload: Some(workload(&ds)), pod: "p".into(), worker_version: "t".into() };
+        let mut gw = gw.clone();
+        let token = token.clone();
+        async move { Ok(gw.fetch(bearer(request, &token)?).await.ok().map(|_| ())) }
+    })
+    .await?;
+    let selector = ListParams::default().labels(&format!("llmops.dev/uid={}", ds.uid().context("uid")?));
+    assert_eq!(jobs.list(&selector).await?.items.len(), 1, "one Job");
+    second.abort();
+    let _ = second.await;
+    Ok(())
+}
