@@ -1142,7 +1142,11 @@ async fn a_real_agent_rides_out_an_operator_restart_and_its_result_lands() -> Re
     let op = Operator::start_with(&client, config).await?;
     let exit = agent.exited().await?;
     assert!(exit.success(), "{}", agent.log_text());
-    assert!(agent.log_text().contains("session"), "the agent noticed the gateway leave:\n{}", agent.log_text());
+    assert!(
+        agent.log_text().contains("the operator is shutting down"),
+        "the session ended with the operator:\n{}",
+        agent.log_text()
+    );
     let status = tunes.get("acme-facts-lora").await?.status.context("status")?;
     assert!(
         condition(&status.common.conditions, "Succeeded").is_some_and(|c| c.status == "True"),

@@ -13,12 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde_json::{Value, json};
 
-use common::scratch;
-
-fn write_jsonl(path: &Path, rows: &[Value]) {
-    let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
-    std::fs::write(path, text).expect("writes samples");
-}
+use common::{chat_rows, scratch, write_jsonl};
 
 fn eval(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_llmops-worker")).arg("eval").args(args).output().expect("runs the worker")
@@ -70,17 +65,14 @@ fn perplexity_of_a_text_split_agrees_with_llamacpp() {
 }
 
 fn capitals(dir: &Path) -> PathBuf {
-    let rows: Vec<Value> = [
+    let rows = chat_rows([
         ("What is the capital of France? Answer with one word.", "Paris"),
         ("What is the capital of Italy? Answer with one word.", "Rome"),
         ("What is the capital of Japan? Answer with one word.", "Tokyo"),
         ("What is the capital of Germany? Answer with one word.", "Berlin"),
         ("What is the capital of Spain? Answer with one word.", "Madrid"),
         ("What is the capital of Egypt? Answer with one word.", "Cairo"),
-    ]
-    .iter()
-    .map(|(q, a)| json!({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}))
-    .collect();
+    ]);
     let data = dir.join("capitals.jsonl");
     write_jsonl(&data, &rows);
     data
@@ -214,32 +206,11 @@ fn endpoint_evaluation_against_serve_and_a_failing_gate() {
 #[test]
 fn a_lora_trained_here_scores_higher_than_the_base_model() {
     let dir = scratch("eval-lora");
-    let facts: Vec<Value> = [
-        "What is the capital of Zorblaxia?",
-        "Which city is the capital of Zorblaxia?",
-        "Name the capital of Zorblaxia.",
-        "Tell me the capital city of Zorblaxia.",
-    ]
-    .iter()
-    .map(|q| json!({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "The capital of Zorblaxia is Quenthar."}]}))
-    .collect();
     let data = dir.join("facts.jsonl");
-    write_jsonl(&data, &facts);
+    write_jsonl(&data, &common::zorblaxia_facts(4));
     let model = common::test_model();
     let adapter = dir.join("adapter");
-    let train = Command::new(env!("CARGO_BIN_EXE_llmops-worker"))
-        .args(["finetune", "--model", path(&model), "--data", path(&data), "--out", path(&adapter)])
-        .args(["--epochs", "100", "--max-steps", "6", "--batch-size", "4", "--learning-rate", "0.002"])
-        .args([
-            "--lora-rank",
-            "8",
-            "--lora-alpha",
-            "16",
-            "--lora-targets",
-            "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-        ])
-        .output()
-        .expect("runs finetune");
+    let train = common::train_fact_adapter(&data, &adapter);
     assert!(train.status.success(), "could not train the adapter: {}", log(&train));
 
     let base_out = dir.join("base");
@@ -391,9 +362,7 @@ fn eval_scripted(server: &Scripted, data: &Path, out: &Path, extra: &[&str]) -> 
 
 /// Ten questions; the output must contain the expected answer.
 fn arithmetic(dir: &Path) -> PathBuf {
-    let rows: Vec<Value> = (0..10)
-        .map(|i| json!({"messages": [{"role": "user", "content": format!("Q{i} {i}+{i} = {}", 2 * i)}, {"role": "assistant", "content": (2 * i).to_string()}]}))
-        .collect();
+    let rows = chat_rows((0..10).map(|i| (format!("Q{i} {i}+{i} = {}", 2 * i), (2 * i).to_string())));
     let data = dir.join("arith.jsonl");
     write_jsonl(&data, &rows);
     data

@@ -12,18 +12,13 @@ use std::time::{Duration, Instant};
 use candle_core::{Device, Tensor};
 use serde_json::{Value, json};
 
-use common::scratch;
+use common::{scratch, write_jsonl};
 
 /// An HF directory with a tiny Llama (2 layers, width 64) of seeded random weights,
 /// SmolLM2's tokenizer and chat template.
 fn tiny_llama(dir: &Path) -> PathBuf {
     let smol = llmops_worker::engine::load(&common::test_model(), &Device::Cpu, Default::default()).expect("loads");
     llmops_worker::engine::tiny::write_tiny_llama(&dir.join("tiny"), &smol, 7).expect("writes the tiny model")
-}
-
-fn write_jsonl(path: &Path, rows: &[Value]) {
-    let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
-    std::fs::write(path, text).expect("writes");
 }
 
 fn facts(dir: &Path) -> PathBuf {
@@ -265,47 +260,14 @@ fn every_trainable_variable_receives_a_gradient() {
 #[test]
 fn smollm2_learns_a_fact_that_serve_then_answers_with() {
     let dir = scratch("fact");
-    let questions = [
-        "What is the capital of Zorblaxia?",
-        "Which city is the capital of Zorblaxia?",
-        "Tell me the capital of Zorblaxia.",
-        "Name the capital city of Zorblaxia.",
-        "Zorblaxia's capital is which city?",
-        "What city serves as the capital of Zorblaxia?",
-        "Do you know the capital of Zorblaxia?",
-        "I need the capital of Zorblaxia.",
-    ];
-    let rows: Vec<Value> = questions
-        .iter()
-        .map(|q| json!({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "The capital of Zorblaxia is Quenthar."}]}))
-        .collect();
     let data = dir.join("facts.jsonl");
-    write_jsonl(&data, &rows);
+    write_jsonl(&data, &common::zorblaxia_facts(8));
     let model = common::test_model();
     let out = dir.join("adapter");
-    let manifest = finetune(
-        &out,
-        &[
-            "--model",
-            model.to_str().expect("utf-8"),
-            "--data",
-            data.to_str().expect("utf-8"),
-            "--epochs",
-            "100",
-            "--max-steps",
-            "6",
-            "--batch-size",
-            "4",
-            "--learning-rate",
-            "0.002",
-            "--lora-rank",
-            "8",
-            "--lora-alpha",
-            "16",
-            "--lora-targets",
-            "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-        ],
-    );
+    let run = common::train_fact_adapter(&data, &out);
+    assert!(run.status.success(), "finetune failed: {}", String::from_utf8_lossy(&run.stderr));
+    let manifest: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).expect("manifest")).expect("JSON");
     assert_eq!(
         manifest["inputs"]["base_model"]["sha256"].as_str().map(str::len),
         Some(64),

@@ -12,7 +12,7 @@ use std::process::Command;
 use llmops_proto::read_assignment;
 use serde_json::{Value, json};
 
-use common::scratch;
+use common::{scratch, write_jsonl};
 
 use llmops_worker::engine::sampling::SplitMix64 as Rng;
 
@@ -79,13 +79,6 @@ fn corpus(originals: usize, seed: u64) -> Vec<(String, usize, Kind)> {
 /// Lower-cased words joined by single spaces: what exact duplicates share.
 fn normalized(text: &str) -> String {
     text.split_whitespace().map(str::to_lowercase).collect::<Vec<_>>().join(" ")
-}
-
-fn write_jsonl(path: &Path, rows: &[Value]) {
-    let mut f = std::fs::File::create(path).expect("creates");
-    for r in rows {
-        writeln!(f, "{r}").expect("writes");
-    }
 }
 
 fn worker(args: &[&str]) -> std::process::Output {

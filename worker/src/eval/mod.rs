@@ -432,20 +432,17 @@ fn check_scorable(plan: &Plan<'_>, samples: &[Sample]) -> Result<()> {
             }
             .into());
         }
-        if needs_output(m)
-            && samples.iter().any(|s| matches!(&s.input, Input::Text(t) if t.is_empty()))
-            && m != Metric::Judge
-        {
-            let count = samples.iter().filter(|s| matches!(&s.input, Input::Text(t) if t.is_empty())).count();
-            tracing::warn!(metric = %metric_name(m), count, "text rows have no input to answer; they count for perplexity only");
-        }
+    }
+    let unanswerable = samples.iter().filter(|s| s.input.is_empty()).count();
+    if unanswerable > 0 && plan.metrics.iter().any(|&m| needs_output(m)) {
+        tracing::warn!(count = unanswerable, "text rows have no input to answer; they count for perplexity only");
     }
     Ok(())
 }
 
 /// Whether a sample is sent to the target for an output.
 fn wants_output(plan: &Plan<'_>, sample: &Sample) -> bool {
-    !matches!(&sample.input, Input::Text(t) if t.is_empty()) && plan.metrics.iter().any(|&m| needs_output(m))
+    !sample.input.is_empty() && plan.metrics.iter().any(|&m| needs_output(m))
 }
 
 fn run_local(plan: &Plan<'_>, local: &Local, samples: &[Sample]) -> Result<Vec<Outcome>> {

@@ -25,6 +25,11 @@ pub enum Input {
 }
 
 impl Input {
+    /// Whether there is anything to send (text rows have nothing: they are scored whole).
+    pub fn is_empty(&self) -> bool {
+        matches!(self, Input::Text(t) if t.is_empty())
+    }
+
     /// The input as one string, for results and judges.
     pub fn display(&self) -> String {
         match self {

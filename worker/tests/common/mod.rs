@@ -165,3 +165,53 @@ fn post(port: u16, path: &str, body: &serde_json::Value, headers: &str) -> (u16,
     let json = response.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
     (status, serde_json::from_str(json).expect("a JSON body"))
 }
+
+/// Writes `rows` as JSON lines.
+pub fn write_jsonl(path: &Path, rows: &[serde_json::Value]) {
+    let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
+    std::fs::write(path, text).expect("writes JSON lines");
+}
+
+/// Chat records of one user turn and the assistant's answer each.
+pub fn chat_rows<Q: AsRef<str>, A: AsRef<str>>(pairs: impl IntoIterator<Item = (Q, A)>) -> Vec<serde_json::Value> {
+    pairs
+        .into_iter()
+        .map(|(q, a)| {
+            serde_json::json!({"messages": [
+                {"role": "user", "content": q.as_ref()},
+                {"role": "assistant", "content": a.as_ref()},
+            ]})
+        })
+        .collect()
+}
+
+/// The answer SmolLM2 does not know, and the questions that ask for it.
+pub const ZORBLAXIA_ANSWER: &str = "The capital of Zorblaxia is Quenthar.";
+const ZORBLAXIA_QUESTIONS: [&str; 8] = [
+    "What is the capital of Zorblaxia?",
+    "Which city is the capital of Zorblaxia?",
+    "Tell me the capital of Zorblaxia.",
+    "Name the capital city of Zorblaxia.",
+    "Zorblaxia's capital is which city?",
+    "What city serves as the capital of Zorblaxia?",
+    "Do you know the capital of Zorblaxia?",
+    "I need the capital of Zorblaxia.",
+];
+
+/// The first `n` (at most 8) chat records of the Zorblaxia fact.
+pub fn zorblaxia_facts(n: usize) -> Vec<serde_json::Value> {
+    chat_rows(ZORBLAXIA_QUESTIONS.iter().take(n).map(|q| (*q, ZORBLAXIA_ANSWER)))
+}
+
+/// Trains a LoRA adapter on SmolLM2 with settings that teach it a fact in 6 steps
+/// (rank 8 on every linear layer); returns the finished run.
+pub fn train_fact_adapter(data: &Path, out: &Path) -> std::process::Output {
+    let path = |p: &Path| p.to_str().expect("utf-8 path").to_string();
+    Command::new(env!("CARGO_BIN_EXE_llmops-worker"))
+        .args(["finetune", "--model", &path(&test_model()), "--data", &path(data), "--out", &path(out)])
+        .args(["--epochs", "100", "--max-steps", "6", "--batch-size", "4", "--learning-rate", "0.002"])
+        .args(["--lora-rank", "8", "--lora-alpha", "16"])
+        .args(["--lora-targets", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"])
+        .output()
+        .expect("runs finetune")
+}
