@@ -1,4 +1,5 @@
-# Shared settings for tests/cluster/{build,up,down}. Sourced, not executed.
+# Shared settings for tests/cluster/{build,up,down} (and scripts/, and the Rust
+# test harness, which asks `bin_path kstatus`). Sourced, not executed.
 # shellcheck shell=bash disable=SC2034
 
 CLUSTER_SRC_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -9,18 +10,32 @@ LLMOPS_CACHE=${LLMOPS_CACHE:-$HOME/.cache/llmops}
 CLUSTER_DIR=${LLMOPS_CLUSTER_DIR:-$LLMOPS_CACHE/cluster}
 BIN_ROOT=$LLMOPS_CACHE/bin
 
-# All binaries the scripts use, in build order.
-CLUSTER_BINARIES=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok helm)
+# All binaries the scripts use, in build order. kstatus is the tests' health
+# helper (tests/kstatus), not part of the cluster, but built the same way.
+CLUSTER_BINARIES=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok helm kstatus)
 
-# version_of NAME -> pinned version of that binary
-version_of() {
+# pinned_version_of NAME -> the version versions.env pins for NAME's module
+pinned_version_of() {
     case "$1" in
         etcd) echo "$ETCD_VERSION" ;;
         kube-apiserver | kube-controller-manager | kube-scheduler | kubectl) echo "$KUBE_VERSION" ;;
         kwok) echo "$KWOK_VERSION" ;;
         helm) echo "$HELM_VERSION" ;;
+        kstatus) echo "$KSTATUS_VERSION" ;;
         *) echo "unknown binary: $1" >&2; return 1 ;;
     esac
+}
+
+# version_of NAME -> version of that binary: the pinned one, and for kstatus, whose
+# main package lives in this repository, also a hash of its sources, so that an edit
+# of tests/kstatus builds a new binary instead of reusing a stale one.
+version_of() {
+    local v
+    v=$(pinned_version_of "$1") || return 1
+    if [[ $1 == kstatus ]]; then
+        v+=-$(cd "$CLUSTER_SRC_DIR/../kstatus" && cat go.mod go.sum ./*.go | sha256sum | cut -c1-12)
+    fi
+    echo "$v"
 }
 
 # bin_path NAME -> $LLMOPS_CACHE/bin/NAME-VERSION/NAME
