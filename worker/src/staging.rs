@@ -2,7 +2,8 @@
 //! with a bucket as the store, the agent downloads each `store://` input into local
 //! scratch, points the Assignment at those copies, and uploads the output directory (and
 //! every checkpoint as it is sealed) back under the same keys. The Result still names
-//! the output by its `store://` URI.
+//! the output by its `store://` URI. A server's traffic log goes to the bucket in sealed
+//! segments, written by the server itself (`serve::traffic`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -36,6 +37,17 @@ impl Bucket {
         }
         let store = builder.build().with_context(|| format!("the store bucket {}", s3.bucket))?;
         Ok(Self { store: Arc::new(store), prefix: s3.prefix.trim_matches('/').to_string(), name: s3.bucket.clone() })
+    }
+
+    /// A bucket over any object store, named `name` in messages (tests use an in-memory
+    /// store).
+    pub fn from_store(store: Arc<dyn ObjectStore>, name: &str, prefix: &str) -> Self {
+        Self { store, prefix: prefix.trim_matches('/').to_string(), name: name.to_string() }
+    }
+
+    /// The bucket's name.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     fn path(&self, key: &str) -> ObjectPath {
@@ -77,6 +89,48 @@ impl Bucket {
             found = true;
         }
         Ok(found)
+    }
+
+    /// Uploads `file` as the object `key` unless an object is there already: objects
+    /// written this way are never replaced. Returns whether it uploaded.
+    pub async fn put_new(&self, file: &Path, key: &str) -> Result<bool> {
+        let path = self.path(key);
+        match self.store.head(&path).await {
+            Ok(_) => return Ok(false),
+            Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(e).with_context(|| format!("s3://{}/{path}", self.name)),
+        }
+        let bytes = tokio::fs::read(file).await.with_context(|| format!("reading {}", file.display()))?;
+        self.store
+            .put(&path, bytes.into())
+            .await
+            .with_context(|| format!("uploading {} to s3://{}/{path}", file.display(), self.name))?;
+        Ok(true)
+    }
+
+    /// The keys of every object under `key/`, relative to it, sorted.
+    pub async fn list(&self, key: &str) -> Result<Vec<String>> {
+        let path = self.path(key);
+        let mut listing = self.store.list(Some(&path));
+        let mut keys = Vec::new();
+        while let Some(meta) = listing.next().await {
+            let meta = meta.with_context(|| format!("listing s3://{}/{path}/", self.name))?;
+            let relative =
+                meta.location.as_ref().strip_prefix(path.as_ref()).unwrap_or_default().trim_start_matches('/');
+            if !relative.is_empty() {
+                keys.push(relative.to_string());
+            }
+        }
+        keys.sort();
+        Ok(keys)
+    }
+
+    /// The bytes of the object `key`.
+    pub async fn get(&self, key: &str) -> Result<Vec<u8>> {
+        let path = self.path(key);
+        let result = self.store.get(&path).await.with_context(|| format!("downloading s3://{}/{path}", self.name))?;
+        let bytes = result.bytes().await.with_context(|| format!("downloading s3://{}/{path}", self.name))?;
+        Ok(bytes.to_vec())
     }
 
     /// Uploads every file under `dir` to `key/`; returns how many.
@@ -129,7 +183,9 @@ fn collect(root: &Path, dir: &Path, out: &mut Vec<(PathBuf, String)>) -> Result<
 /// An Assignment pointed at local copies, and where its outputs go back to.
 #[derive(Debug)]
 pub struct Staged {
-    /// The Assignment the mode runs: every `store://` URI is a local file:// path.
+    /// The Assignment the mode runs: every `store://` URI is a local file:// path, except
+    /// a server's traffic log, which keeps its `store://` URI and the store (the server
+    /// uploads it in sealed segments).
     pub assignment: Assignment,
     /// The bucket.
     pub bucket: Bucket,
@@ -218,8 +274,10 @@ pub async fn stage(assignment: &Assignment, scratch: &Path) -> Result<Option<Sta
             for a in &mut s.adapters {
                 input_uris.extend(a.adapter.as_mut().map(|a| &mut a.uri));
             }
+            // The traffic log cannot be a local copy: the server writes it in sealed
+            // segments to the bucket itself, so it keeps the store.
             if s.traffic.as_ref().is_some_and(|t| t.uri.starts_with("store://")) {
-                bail!("a traffic log in an S3 store is not supported; give the deployment a volume store");
+                staged.store = assignment.store.clone();
             }
         }
         None => bail!("the assignment names no mode"),

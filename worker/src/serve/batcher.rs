@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -18,8 +18,9 @@ use crate::engine::{Adapter, GenerateRequest, Generation, LoadedModel, Sequence,
 pub enum Event {
     /// New text (only for streaming jobs; may be empty for the first token).
     Delta(String),
-    /// The generation finished; the text not yet sent as deltas comes with it.
-    Done { generation: Generation, rest: String },
+    /// The generation finished; the text not yet sent as deltas comes with it, and the
+    /// time from accepting the request to its first token.
+    Done { generation: Generation, rest: String, first_token: Duration },
     /// The generation failed.
     Failed(String),
 }
@@ -97,6 +98,8 @@ struct Running {
     events: UnboundedSender<Event>,
     stream: bool,
     last_token: Instant,
+    /// From accepting the request to the end of its prefill (its first token).
+    first_token: Duration,
 }
 
 struct Engine {
@@ -183,11 +186,18 @@ impl Engine {
         match Sequence::start(&self.model, job.request, job.adapter, job.stream) {
             Ok(mut sequence) => {
                 self.metrics.prompt_tokens.inc_by(prompt_tokens as u64);
-                self.metrics.time_to_first_token.observe(job.accepted.elapsed().as_secs_f64());
+                let first_token = job.accepted.elapsed();
+                self.metrics.time_to_first_token.observe(first_token.as_secs_f64());
                 if job.stream {
                     let _ = job.events.send(Event::Delta(sequence.take_delta()));
                 }
-                let r = Running { sequence, events: job.events, stream: job.stream, last_token: Instant::now() };
+                let r = Running {
+                    sequence,
+                    events: job.events,
+                    stream: job.stream,
+                    last_token: Instant::now(),
+                    first_token,
+                };
                 if r.sequence.finished().is_some() {
                     self.complete(r);
                     return None;
@@ -206,7 +216,7 @@ impl Engine {
         match r.sequence.finish(&self.model) {
             Ok((generation, rest)) => {
                 self.metrics.generated_tokens.inc_by(generation.tokens.len() as u64);
-                let _ = r.events.send(Event::Done { generation, rest });
+                let _ = r.events.send(Event::Done { generation, rest, first_token: r.first_token });
             }
             Err(e) => {
                 let _ = r.events.send(Event::Failed(format!("{e:#}")));

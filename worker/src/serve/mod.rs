@@ -3,20 +3,22 @@
 //! optional API keys and Prometheus metrics.
 //!
 //! The listener starts before the model loads, so `/healthz` answers at once while
-//! `/readyz` (and the API) wait for the model.
+//! `/readyz` (and the API) wait for the model. Under `agent` the server also reports its
+//! live figures (`live`) and needs nothing from the operator to start.
 
 pub mod api;
 pub mod batcher;
 pub mod error;
+pub mod live;
 pub mod metrics;
 pub mod traffic;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use axum::body::Bytes;
@@ -29,7 +31,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use llmops_crds::render::ChatMessage;
-use llmops_proto::v1::{Assignment, GenerationParameters, ServeAssignment, assignment::Mode};
+use llmops_proto::v1::{Assignment, GenerationParameters, ServeAssignment, Traffic, assignment::Mode, store::Backend};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
@@ -37,8 +39,9 @@ use tokio::sync::mpsc;
 use self::api::{ChatRequest, Common, CompletionRequest, FeedbackRequest, PromptIn, Usage};
 use self::batcher::{Batcher, Event, Job, SubmitError};
 use self::error::ApiError;
+use self::live::{LiveFigures, Reporter};
 use self::metrics::Metrics;
-use self::traffic::{CompletionRecord, FeedbackRecord, TrafficLog};
+use self::traffic::{CompletionRecord, FeedbackRecord, SegmentPolicy, TrafficLog};
 use crate::engine::{self, Adapter, GenerateRequest, Generation, LoadedModel, WeightFormat};
 use crate::store::local_path;
 
@@ -58,7 +61,9 @@ struct Shared {
     model_name: String,
     metrics: Arc<Metrics>,
     api_keys: Vec<String>,
-    traffic: Option<TrafficLog>,
+    traffic: Option<Arc<TrafficLog>>,
+    /// This process's figures, reported under `agent`.
+    live: LiveFigures,
     /// The deployment's prompt, rendered: put before each chat request's messages.
     prompt_messages: Vec<ChatMessage>,
     max_request_bytes: usize,
@@ -70,19 +75,58 @@ struct Shared {
 
 type AppState = Arc<Shared>;
 
-/// Runs the server of `assignment` until SIGTERM or Ctrl-C.
+/// How the server runs beyond its Assignment.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// The address to listen on when neither `LLMOPS_LISTEN_HOST` nor `serving.host`
+    /// names one.
+    pub default_host: &'static str,
+    /// Report live figures as progress (under `agent`).
+    pub live_figures: bool,
+}
+
+impl Options {
+    /// The local command: loopback only, nothing reported.
+    pub const CLI: Self = Self { default_host: "127.0.0.1", live_figures: false };
+    /// In a pod: every interface, figures reported to the gateway.
+    pub const AGENT: Self = Self { default_host: "0.0.0.0", live_figures: true };
+}
+
+/// Runs the server of `assignment` until SIGTERM or Ctrl-C, as the local command does.
 pub fn run(assignment: &Assignment) -> Result<()> {
+    run_with(assignment, Options::CLI)
+}
+
+/// Runs the server of `assignment` until SIGTERM or Ctrl-C.
+pub fn run_with(assignment: &Assignment, options: Options) -> Result<()> {
     let Some(Mode::Serve(config)) = assignment.mode.clone() else { bail!("not a serve assignment") };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(serve(assignment.clone(), config))
+    runtime.block_on(serve(assignment.clone(), config, options))
 }
 
+/// The host to listen on: `LLMOPS_LISTEN_HOST` (a development node gives each pod its
+/// own loopback address), else `serving.host`, else `default`.
+fn listen_host(configured: &str, default: &str) -> String {
+    std::env::var("LLMOPS_LISTEN_HOST")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .or_else(|| Some(configured.trim().to_string()).filter(|h| !h.is_empty()))
+        .unwrap_or_else(|| default.to_string())
+}
+
+/// `host:port`, with an IPv6 address in brackets.
+fn socket_address(host: &str, port: u32) -> String {
+    if host.contains(':') && !host.starts_with('[') { format!("[{host}]:{port}") } else { format!("{host}:{port}") }
+}
+
+/// This pod's name: `LLMOPS_POD` (set for the agent), `POD_NAME`, else `HOSTNAME`.
 fn pod_name() -> String {
-    ["POD_NAME", "HOSTNAME"]
+    ["LLMOPS_POD", "POD_NAME", "HOSTNAME"]
         .iter()
         .filter_map(|v| std::env::var(v).ok())
         .find(|v| !v.is_empty() && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.'))
@@ -90,14 +134,63 @@ fn pod_name() -> String {
 }
 
 fn read_api_keys(path: &str, assignment: &Assignment) -> Result<Vec<String>> {
-    let path = local_path(path, assignment.store.as_ref())?;
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading API keys from {}", path.display()))?;
-    let keys: Vec<String> =
-        text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from).collect();
+    api_keys_at(&local_path(path, assignment.store.as_ref())?)
+}
+
+/// The keys of a file (one per line; blank lines and `#` comments skipped), or of every
+/// regular file in a directory, in name order: a projected Secret volume holds one key
+/// per file. Hidden entries (the volume's `..data` links) are skipped; links to files
+/// are followed.
+fn api_keys_at(path: &Path) -> Result<Vec<String>> {
+    let meta = std::fs::metadata(path).with_context(|| format!("reading API keys from {}", path.display()))?;
+    let files = if meta.is_dir() {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+            .with_context(|| format!("reading API keys from {}", path.display()))?
+            .filter_map(|e| e.ok())
+            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+            .map(|e| e.path())
+            .filter(|p| p.is_file())
+            .collect();
+        files.sort();
+        files
+    } else {
+        vec![path.to_path_buf()]
+    };
+    let mut keys = Vec::new();
+    for file in &files {
+        let text =
+            std::fs::read_to_string(file).with_context(|| format!("reading API keys from {}", file.display()))?;
+        keys.extend(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from));
+    }
     if keys.is_empty() {
         bail!("{} holds no API keys; give one key per line, or no key file for an open API", path.display());
     }
     Ok(keys)
+}
+
+/// The traffic log: appended to in a volume store, or written in sealed segments under
+/// local scratch (`LLMOPS_SCRATCH`, else the temporary directory) and uploaded when the
+/// store is an S3 bucket.
+fn open_traffic(traffic: &Traffic, assignment: &Assignment, pod: &str) -> Result<TrafficLog> {
+    if let (Some(key), Some(Backend::S3(s3))) =
+        (traffic.uri.strip_prefix("store://"), assignment.store.as_ref().and_then(|s| s.backend.as_ref()))
+    {
+        if key.split('/').any(|part| part == "..") {
+            bail!("{}: a store key must not contain '..'", traffic.uri);
+        }
+        let bucket = crate::staging::Bucket::new(s3)?;
+        let local = std::env::var_os("LLMOPS_SCRATCH")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir)
+            .join(format!("llmops-traffic-{pod}"));
+        let policy = SegmentPolicy::from_env();
+        tracing::info!(
+            bucket = %s3.bucket, key = %key, records = policy.max_records, seconds = policy.max_age.as_secs_f64(),
+            "the traffic log goes to the store in sealed segments"
+        );
+        return TrafficLog::open_segmented(&local, pod, traffic.record, bucket, key, policy);
+    }
+    TrafficLog::open(&local_path(&traffic.uri, assignment.store.as_ref())?, pod, traffic.record)
 }
 
 /// The deployment's prompt as messages, rendered with the declared defaults by the
@@ -130,14 +223,14 @@ fn prompt_messages(config: &ServeAssignment) -> Result<Vec<ChatMessage>> {
         .collect()
 }
 
-async fn serve(assignment: Assignment, config: ServeAssignment) -> Result<()> {
+async fn serve(assignment: Assignment, config: ServeAssignment, options: Options) -> Result<()> {
     let serving = config.serving.clone().unwrap_or_default();
     let max_batch = (serving.max_batch_size as usize).max(1);
     let metrics = Arc::new(Metrics::new(max_batch));
     let api_keys =
         if config.api_keys_file.is_empty() { Vec::new() } else { read_api_keys(&config.api_keys_file, &assignment)? };
     let traffic = match config.traffic.as_ref().filter(|t| !t.uri.is_empty()) {
-        Some(t) => Some(TrafficLog::open(&local_path(&t.uri, assignment.store.as_ref())?, &pod_name(), t.record)?),
+        Some(t) => Some(Arc::new(open_traffic(t, &assignment, &pod_name())?)),
         None => None,
     };
     let prompt_messages = prompt_messages(&config)?;
@@ -149,6 +242,7 @@ async fn serve(assignment: Assignment, config: ServeAssignment) -> Result<()> {
         metrics: metrics.clone(),
         api_keys,
         traffic,
+        live: LiveFigures::default(),
         prompt_messages,
         max_request_bytes: if serving.max_request_bytes == 0 { 1 << 20 } else { serving.max_request_bytes as usize },
         created,
@@ -156,9 +250,18 @@ async fn serve(assignment: Assignment, config: ServeAssignment) -> Result<()> {
         counter: AtomicU64::new(0),
         loaded: OnceLock::new(),
     });
-    let address = format!("{}:{}", if serving.host.is_empty() { "127.0.0.1" } else { &serving.host }, serving.port);
+    let address = socket_address(&listen_host(&serving.host, options.default_host), serving.port);
     let listener = tokio::net::TcpListener::bind(&address).await.with_context(|| format!("listening on {address}"))?;
     tracing::info!(address = %listener.local_addr()?, "listening; loading the model");
+    let mut background = Vec::new();
+    if options.live_figures {
+        background.push(tokio::spawn(report_figures(state.clone())));
+    }
+    if let Some(log) = state.traffic.clone()
+        && let Some(policy) = log.segment_policy()
+    {
+        background.push(tokio::spawn(upload_segments(log, policy)));
+    }
 
     let (fail_tx, mut fail_rx) = mpsc::channel::<anyhow::Error>(1);
     {
@@ -190,11 +293,74 @@ async fn serve(assignment: Assignment, config: ServeAssignment) -> Result<()> {
             _ = shutdown_signal() => { tracing::info!("shutting down"); }
         }
     };
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await.context("serving")?;
+    let served = axum::serve(listener, router(state.clone())).with_graceful_shutdown(shutdown).await;
+    for task in background {
+        task.abort();
+    }
+    // What was recorded up to the end goes to the store, even when serving failed.
+    if let Some(log) = state.traffic.as_ref().filter(|l| l.is_segmented()) {
+        match tokio::time::timeout(Duration::from_secs(20), log.close()).await {
+            Ok(Ok(n)) => tracing::info!(segments = n, "sealed and uploaded the traffic log"),
+            Ok(Err(e)) => tracing::error!(error = %format!("{e:#}"), "uploading the traffic log failed"),
+            Err(_) => tracing::error!("uploading the traffic log took too long; the rest stays in local scratch"),
+        }
+    }
+    served.context("serving")?;
     if let Some(e) = failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
         return Err(e.context("loading the model"));
     }
     Ok(())
+}
+
+/// Every report interval, sends the live figures as progress when one changed beyond its
+/// rounding (see `live`).
+async fn report_figures(state: AppState) {
+    let every = live::report_interval();
+    let figures = |state: &Shared| state.live.snapshot(Instant::now(), state.metrics.queue_depth.get());
+    let mut reporter = Reporter::starting_at(figures(&state));
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let Some(metrics) = reporter.next(figures(&state)) else { continue };
+        let get = |k: &str| metrics.get(k).copied().unwrap_or(0.0);
+        let message = format!(
+            "{} req/s, {} tok/s, {} requests",
+            get("requests_per_second"),
+            get("tokens_per_second"),
+            get("requests_total")
+        );
+        crate::report::emit(crate::report::Report::Progress {
+            step: get("requests_total") as u64,
+            total: 0,
+            epoch: 0.0,
+            metrics,
+            eta_seconds: 0.0,
+            message,
+        });
+    }
+}
+
+/// Seals segments that grew old and uploads the sealed ones, checking a few times per
+/// segment age (at most every second); a store that fails is retried after 30 s while
+/// the segments wait in local scratch.
+async fn upload_segments(log: Arc<TrafficLog>, policy: SegmentPolicy) {
+    let every = (policy.max_age / 4).clamp(Duration::from_millis(20), Duration::from_secs(1));
+    let mut retry_at: Option<Instant> = None;
+    loop {
+        tokio::time::sleep(every).await;
+        log.tick();
+        if retry_at.is_some_and(|t| Instant::now() < t) {
+            continue;
+        }
+        retry_at = match log.upload_sealed().await {
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "uploading traffic segments failed; retrying in 30 s");
+                Some(Instant::now() + Duration::from_secs(30))
+            }
+        };
+    }
 }
 
 /// Resolves on SIGTERM or Ctrl-C.
@@ -503,6 +669,9 @@ async fn chat(State(state): State<AppState>, body: Result<Bytes, BytesRejection>
         respond(state.clone(), loaded, prepared, Kind::Chat).await
     }
     .await;
+    if result.is_err() {
+        state.live.errored(Instant::now());
+    }
     finish_response(&state, Kind::Chat.path(), result)
 }
 
@@ -514,6 +683,9 @@ async fn completions(State(state): State<AppState>, body: Result<Bytes, BytesRej
         respond(state.clone(), loaded, prepared, Kind::Completion).await
     }
     .await;
+    if result.is_err() {
+        state.live.errored(Instant::now());
+    }
     finish_response(&state, Kind::Completion.path(), result)
 }
 
@@ -532,8 +704,11 @@ fn finish_response(state: &Shared, endpoint: &str, result: Result<Response, ApiE
     }
 }
 
-/// Queues the request, then answers with the whole result or a stream of chunks.
+/// Queues the request, then answers with the whole result or a stream of chunks. Each
+/// request that finishes is one sample of the live figures (one that fails before it
+/// streams is counted by its handler).
 async fn respond(state: AppState, loaded: &Loaded, prepared: Prepared, kind: Kind) -> Result<Response, ApiError> {
+    let started = Instant::now();
     state
         .metrics
         .requests
@@ -555,7 +730,8 @@ async fn respond(state: AppState, loaded: &Loaded, prepared: Prepared, kind: Kin
         loop {
             match receiver.recv().await {
                 Some(Event::Delta(_)) => continue,
-                Some(Event::Done { generation, .. }) => {
+                Some(Event::Done { generation, first_token, .. }) => {
+                    state.live.completed(Instant::now(), generation.tokens.len(), first_token, started.elapsed());
                     record(&state, &prepared, &generation);
                     return Ok(Json(whole_response(&state, &prepared, &generation, kind)).into_response());
                 }
@@ -588,7 +764,8 @@ async fn respond(state: AppState, loaded: &Loaded, prepared: Prepared, kind: Kin
                         return;
                     }
                 }
-                Some(Event::Done { generation, rest }) => {
+                Some(Event::Done { generation, rest, first_token }) => {
+                    state.live.completed(Instant::now(), generation.tokens.len(), first_token, started.elapsed());
                     record(&state, &prepared, &generation);
                     if !rest.is_empty() && !send(chunk(&state, &prepared, kind, json!({"content": rest}), None)).await {
                         return;
@@ -611,6 +788,7 @@ async fn respond(state: AppState, loaded: &Loaded, prepared: Prepared, kind: Kin
                     return;
                 }
                 Some(Event::Failed(e)) => {
+                    state.live.errored(Instant::now());
                     let err = ApiError::internal(format!("generation failed: {e}"));
                     count_error(&state, kind.path(), &err);
                     let _ = chunks.send(Ok(SseEvent::default().data(err.body().to_string()))).await;
@@ -698,11 +876,18 @@ async fn feedback(State(state): State<AppState>, body: Result<Bytes, BytesReject
         };
         let id = req.id.clone();
         let state2 = state.clone();
-        let known = tokio::task::spawn_blocking(move || state2.traffic.as_ref().map(|l| l.knows(&id)))
+        let mut known = tokio::task::spawn_blocking(move || state2.traffic.as_ref().map(|l| l.knows(&id)))
             .await
             .map_err(|e| ApiError::internal(e.to_string()))?
             .unwrap_or(Ok(false))
             .map_err(|e| ApiError::internal(format!("reading the traffic log: {e:#}")))?;
+        if !known {
+            // Another pod's completion, in a segment it sealed into the store.
+            known = log
+                .knows_in_store(&req.id)
+                .await
+                .map_err(|e| ApiError::internal(format!("reading the traffic log in the store: {e:#}")))?;
+        }
         if !known {
             return Err(ApiError::unknown_completion(&req.id));
         }
@@ -715,8 +900,59 @@ async fn feedback(State(state): State<AppState>, body: Result<Bytes, BytesReject
         };
         log.feedback(record).map_err(|e| ApiError::internal(format!("writing the traffic log: {e:#}")))?;
         state.metrics.feedback.get_or_create(&vec![("rating", req.rating.to_string())]).inc();
+        state.live.feedback(req.rating as u8);
         Ok(Json(json!({"id": req.id, "object": "feedback", "recorded": true})).into_response())
     }
     .await;
     finish_response(&state, "/v1/feedback", result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_keys_come_from_a_file_or_every_file_of_a_directory() {
+        let dir = std::env::temp_dir().join(format!("llmops-keys-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        // A projected Secret volume: each key a link into a hidden, timestamped directory.
+        let data = dir.join("..2026_01_01_00_00_00.000000001");
+        std::fs::create_dir_all(&data).expect("creates");
+        std::fs::write(data.join("tenant"), "sk-tenant\n").expect("writes");
+        std::fs::write(data.join("operator"), "# managed by llmops\n\nsk-operator-1\nsk-operator-2\n").expect("writes");
+        std::fs::write(data.join("empty"), "\n").expect("writes");
+        #[cfg(unix)]
+        {
+            std::os::unix::fs::symlink("..2026_01_01_00_00_00.000000001", dir.join("..data")).expect("links");
+            for name in ["tenant", "operator", "empty"] {
+                std::os::unix::fs::symlink(format!("..data/{name}"), dir.join(name)).expect("links");
+            }
+        }
+        #[cfg(not(unix))]
+        for name in ["tenant", "operator", "empty"] {
+            std::fs::copy(data.join(name), dir.join(name)).expect("copies");
+        }
+        std::fs::create_dir_all(dir.join("nested")).expect("creates");
+        std::fs::write(dir.join("nested/ignored"), "sk-nested\n").expect("writes");
+        let keys = api_keys_at(&dir).expect("reads the directory");
+        assert_eq!(keys, vec!["sk-operator-1", "sk-operator-2", "sk-tenant"], "files in name order, hidden skipped");
+        assert_eq!(api_keys_at(&data.join("tenant")).expect("reads a file"), vec!["sk-tenant"]);
+        assert!(api_keys_at(&data.join("empty")).is_err(), "a file without keys is refused");
+        let bare = dir.join("nested");
+        std::fs::remove_file(bare.join("ignored")).expect("removes");
+        assert!(api_keys_at(&bare).is_err(), "a directory without keys is refused");
+        std::fs::remove_dir_all(&dir).expect("cleans up");
+    }
+
+    #[test]
+    fn the_listening_host_falls_back_from_the_environment_to_the_assignment_to_the_default() {
+        // LLMOPS_LISTEN_HOST is not set in the test environment.
+        if std::env::var_os("LLMOPS_LISTEN_HOST").is_none() {
+            assert_eq!(listen_host("", Options::AGENT.default_host), "0.0.0.0");
+            assert_eq!(listen_host(" ", Options::CLI.default_host), "127.0.0.1");
+            assert_eq!(listen_host("10.0.0.7", Options::AGENT.default_host), "10.0.0.7");
+        }
+        assert_eq!(socket_address("127.0.0.3", 8000), "127.0.0.3:8000");
+        assert_eq!(socket_address("::1", 8000), "[::1]:8000");
+    }
 }

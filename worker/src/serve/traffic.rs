@@ -1,17 +1,24 @@
-//! The traffic log (DESIGN.md, "Feedback and revisions"): each pod appends one JSON
-//! line per completion and per feedback to `<traffic dir>/<pod>.jsonl` in the store. A
-//! Dataset with a `feedback` source reads these files back, so the record types here
-//! are the format's definition.
+//! The traffic log (DESIGN.md, "Feedback and revisions"): one JSON line per completion
+//! and per feedback. With the store mounted as a volume each pod appends to
+//! `<traffic dir>/<pod>.jsonl`; with an S3 store, whose objects cannot be appended to,
+//! each pod writes local segments under scratch and seals them (every N records, every
+//! T seconds and at shutdown), uploading each once as
+//! `<traffic dir>/<pod>-<UTC yyyymmddThhmmssZ>-<seq>.jsonl`. A Dataset with a `feedback`
+//! source reads every `*.jsonl` under the directory back, so the record types here are
+//! the format's definition.
 
 use std::collections::{HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use llmops_crds::render::ChatMessage;
 use serde::{Deserialize, Serialize};
+
+use crate::staging::Bucket;
 
 /// One line of a traffic log.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -80,13 +87,76 @@ struct Known {
     order: VecDeque<String>,
 }
 
+/// When a segment is sealed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentPolicy {
+    /// Records in a segment.
+    pub max_records: usize,
+    /// Age of a segment's first record.
+    pub max_age: Duration,
+}
+
+impl Default for SegmentPolicy {
+    fn default() -> Self {
+        Self { max_records: 1000, max_age: Duration::from_secs(30) }
+    }
+}
+
+impl SegmentPolicy {
+    /// The defaults, overridden by `LLMOPS_TRAFFIC_SEGMENT_RECORDS` and
+    /// `LLMOPS_TRAFFIC_SEGMENT_SECONDS` (fractions allowed).
+    pub fn from_env() -> Self {
+        let mut policy = Self::default();
+        if let Some(n) = std::env::var("LLMOPS_TRAFFIC_SEGMENT_RECORDS").ok().and_then(|v| v.trim().parse().ok()) {
+            policy.max_records = std::cmp::max(n, 1);
+        }
+        if let Some(s) = std::env::var("LLMOPS_TRAFFIC_SEGMENT_SECONDS")
+            .ok()
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .filter(|s| s.is_finite() && *s > 0.0)
+        {
+            policy.max_age = Duration::from_secs_f64(s);
+        }
+        policy
+    }
+}
+
+/// The segment being written.
+#[derive(Debug)]
+struct OpenSegment {
+    file: File,
+    path: PathBuf,
+    records: usize,
+    opened: Instant,
+}
+
+/// Where lines go.
+#[derive(Debug)]
+enum Writer {
+    /// One file, appended to (a volume store).
+    Append(File),
+    /// Local segments, sealed and then uploaded (an S3 store).
+    Segments { pod: String, policy: SegmentPolicy, seq: u64, open: Option<OpenSegment> },
+}
+
+/// The store's traffic directory, for a log written in segments.
+#[derive(Debug)]
+struct Remote {
+    bucket: Bucket,
+    key: String,
+    /// One upload pass at a time, so no segment is uploaded twice.
+    uploading: tokio::sync::Mutex<()>,
+}
+
 /// A pod's traffic log.
 #[derive(Debug)]
 pub struct TrafficLog {
+    /// The local directory of this pod's files (with a volume store, every pod's).
     dir: PathBuf,
-    file: Mutex<File>,
+    writer: Mutex<Writer>,
     record_completions: bool,
     known: Mutex<Known>,
+    remote: Option<Remote>,
 }
 
 impl TrafficLog {
@@ -100,12 +170,58 @@ impl TrafficLog {
             .append(true)
             .open(&path)
             .with_context(|| format!("opening the traffic log {}", path.display()))?;
-        Ok(Self { dir: dir.to_path_buf(), file: Mutex::new(file), record_completions, known: Mutex::default() })
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            writer: Mutex::new(Writer::Append(file)),
+            record_completions,
+            known: Mutex::default(),
+            remote: None,
+        })
+    }
+
+    /// A log written in segments under the local directory `local` and uploaded under
+    /// `key/` in `bucket`. Segments left in `local` by an earlier run of this pod count
+    /// as sealed and go up with the next upload.
+    pub fn open_segmented(
+        local: &Path,
+        pod: &str,
+        record_completions: bool,
+        bucket: Bucket,
+        key: &str,
+        policy: SegmentPolicy,
+    ) -> Result<Self> {
+        std::fs::create_dir_all(local)
+            .with_context(|| format!("creating the local traffic directory {}", local.display()))?;
+        Ok(Self {
+            dir: local.to_path_buf(),
+            writer: Mutex::new(Writer::Segments { pod: pod.to_string(), policy, seq: 0, open: None }),
+            record_completions,
+            known: Mutex::default(),
+            remote: Some(Remote {
+                bucket,
+                key: key.trim_matches('/').to_string(),
+                uploading: tokio::sync::Mutex::new(()),
+            }),
+        })
     }
 
     /// Whether completions are recorded (feedback always is).
     pub fn records_completions(&self) -> bool {
         self.record_completions
+    }
+
+    /// Whether the log goes to the store in segments (and needs [`Self::tick`],
+    /// [`Self::upload_sealed`] and [`Self::close`]).
+    pub fn is_segmented(&self) -> bool {
+        self.remote.is_some()
+    }
+
+    /// When segments are sealed, for a log written in segments.
+    pub fn segment_policy(&self) -> Option<SegmentPolicy> {
+        match &*self.writer.lock().unwrap_or_else(|e| e.into_inner()) {
+            Writer::Segments { policy, .. } => Some(*policy),
+            Writer::Append(_) => None,
+        }
     }
 
     /// Notes a served completion: remembered for feedback, and recorded when recording is on.
@@ -132,42 +248,148 @@ impl TrafficLog {
     }
 
     /// Whether a completion with this id was served: by this pod recently, or by any
-    /// pod whose log is in the directory.
+    /// pod whose log is in the local directory (for a segmented log, this pod's segments
+    /// not uploaded yet; [`Self::knows_in_store`] looks at the uploaded ones).
     pub fn knows(&self, id: &str) -> Result<bool> {
         if self.known.lock().unwrap_or_else(|e| e.into_inner()).ids.contains(id) {
             return Ok(true);
         }
-        let quoted = serde_json::to_string(id)?;
         for entry in std::fs::read_dir(&self.dir)? {
             let path = entry?.path();
             if path.extension().is_none_or(|e| e != "jsonl") {
                 continue;
             }
-            let reader = BufReader::new(File::open(&path)?);
-            for line in reader.lines() {
-                let line = line?;
-                if !line.contains(&quoted) {
-                    continue;
-                }
-                if let Ok(TrafficRecord::Completion(c)) = serde_json::from_str(&line)
-                    && c.id == id
-                {
-                    return Ok(true);
-                }
+            if holds_completion(BufReader::new(File::open(&path)?), id)? {
+                return Ok(true);
             }
         }
         Ok(false)
     }
 
-    /// Appends one line with one write, so lines of concurrent writers never interleave.
+    /// Whether a sealed segment in the store (of any pod) holds a completion with this id;
+    /// false for a log that is not segmented. Records a pod has not sealed yet are not
+    /// seen, so feedback may reach another pod before its completion is there.
+    pub async fn knows_in_store(&self, id: &str) -> Result<bool> {
+        let Some(remote) = &self.remote else { return Ok(false) };
+        for name in remote.bucket.list(&remote.key).await? {
+            if !name.ends_with(".jsonl") {
+                continue;
+            }
+            let bytes = remote.bucket.get(&format!("{}/{name}", remote.key)).await?;
+            if holds_completion(bytes.as_slice(), id)? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Appends one line with one write, so lines of concurrent writers never interleave;
+    /// a segment that reaches its record limit is sealed.
     fn append(&self, record: &TrafficRecord) -> Result<()> {
         let mut line = serde_json::to_vec(record)?;
         line.push(b'\n');
-        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
-        file.write_all(&line).context("appending to the traffic log")?;
-        file.flush()?;
+        let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        match &mut *writer {
+            Writer::Append(file) => {
+                file.write_all(&line).context("appending to the traffic log")?;
+                file.flush()?;
+            }
+            Writer::Segments { pod, policy, seq, open } => {
+                if open.is_none() {
+                    let stamp = jiff::Timestamp::now().strftime("%Y%m%dT%H%M%SZ");
+                    let path = self.dir.join(format!("{pod}-{stamp}-{seq:06}.jsonl"));
+                    *seq += 1;
+                    let file = OpenOptions::new()
+                        .create_new(true)
+                        .append(true)
+                        .open(&path)
+                        .with_context(|| format!("opening the traffic segment {}", path.display()))?;
+                    *open = Some(OpenSegment { file, path, records: 0, opened: Instant::now() });
+                }
+                if let Some(segment) = open.as_mut() {
+                    segment.file.write_all(&line).context("appending to the traffic segment")?;
+                    segment.file.flush()?;
+                    segment.records += 1;
+                    if segment.records >= policy.max_records {
+                        *open = None;
+                    }
+                }
+            }
+        }
         Ok(())
     }
+
+    /// Seals the open segment when it is older than the policy allows.
+    pub fn tick(&self) {
+        let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        if let Writer::Segments { policy, open, .. } = &mut *writer
+            && open.as_ref().is_some_and(|s| s.opened.elapsed() >= policy.max_age)
+        {
+            *open = None;
+        }
+    }
+
+    /// Seals the open segment, if any.
+    pub fn seal(&self) {
+        let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        if let Writer::Segments { open, .. } = &mut *writer {
+            *open = None;
+        }
+    }
+
+    /// Uploads every sealed segment in the local directory, oldest first, then removes
+    /// it there; returns how many went up. A segment whose object exists already (an
+    /// upload whose removal was cut short) is not written again.
+    pub async fn upload_sealed(&self) -> Result<usize> {
+        let Some(remote) = &self.remote else { return Ok(0) };
+        let _one_at_a_time = remote.uploading.lock().await;
+        let open = match &*self.writer.lock().unwrap_or_else(|e| e.into_inner()) {
+            Writer::Segments { open, .. } => open.as_ref().map(|s| s.path.clone()),
+            Writer::Append(_) => None,
+        };
+        let mut sealed: Vec<PathBuf> = std::fs::read_dir(&self.dir)
+            .with_context(|| format!("reading {}", self.dir.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "jsonl") && Some(p) != open.as_ref())
+            .collect();
+        sealed.sort();
+        let mut uploaded = 0;
+        for path in sealed {
+            let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
+            let key = format!("{}/{name}", remote.key);
+            if remote.bucket.put_new(&path, &key).await? {
+                uploaded += 1;
+                tracing::debug!(key = %key, "uploaded a traffic segment");
+            } else {
+                tracing::warn!(key = %key, "the traffic segment is in the store already; not writing it again");
+            }
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        }
+        Ok(uploaded)
+    }
+
+    /// Seals the open segment and uploads every sealed one (at shutdown).
+    pub async fn close(&self) -> Result<usize> {
+        self.seal();
+        self.upload_sealed().await
+    }
+}
+
+/// Whether the JSON lines of `reader` hold a completion with this id.
+fn holds_completion(reader: impl BufRead, id: &str) -> Result<bool> {
+    let quoted = serde_json::to_string(id)?;
+    for line in reader.lines() {
+        let line = line?;
+        if !line.contains(&quoted) {
+            continue;
+        }
+        if let Ok(TrafficRecord::Completion(c)) = serde_json::from_str(&line)
+            && c.id == id
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// Now, as RFC 3339 in UTC.
@@ -214,5 +436,49 @@ mod tests {
         assert!(matches!(&records[1], TrafficRecord::Feedback(f) if f.rating == 5));
         assert_eq!(std::fs::read_to_string(dir.join("pod-b.jsonl")).expect("reads"), "", "recording off");
         std::fs::remove_dir_all(&dir).expect("cleans up");
+    }
+
+    #[tokio::test]
+    async fn segments_are_sealed_by_count_age_and_close_and_uploaded_once() {
+        use object_store::memory::InMemory;
+        let local = std::env::temp_dir().join(format!("llmops-segments-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&local);
+        let bucket = Bucket::from_store(std::sync::Arc::new(InMemory::new()), "mem", "llmops");
+        let policy = SegmentPolicy { max_records: 2, max_age: Duration::from_millis(50) };
+        let log = TrafficLog::open_segmented(&local, "pod-a", true, bucket.clone(), "ns/md/x/traffic/", policy)
+            .expect("opens");
+        for id in ["c1", "c2", "c3"] {
+            log.completion(completion(id)).expect("records");
+        }
+        assert_eq!(log.upload_sealed().await.expect("uploads"), 1, "two records sealed the first segment");
+        assert_eq!(std::fs::read_dir(&local).expect("lists").count(), 1, "only the open segment stays local");
+        assert!(log.knows_in_store("c1").await.expect("reads"));
+        assert!(!log.knows_in_store("c3").await.expect("reads"), "c3's segment is not sealed yet");
+        assert!(log.knows("c3").expect("reads"));
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        log.tick();
+        assert_eq!(log.upload_sealed().await.expect("uploads"), 1, "the old segment was sealed");
+        log.feedback(FeedbackRecord { id: "c3".into(), time: now(), rating: 4, correction: None, comment: None })
+            .expect("records");
+        assert_eq!(log.close().await.expect("uploads"), 1, "closing seals the last segment");
+        let names = bucket.list("ns/md/x/traffic").await.expect("lists");
+        assert_eq!(names.len(), 3, "{names:?}");
+        assert!(names.iter().all(|n| n.starts_with("pod-a-") && n.ends_with(".jsonl")), "{names:?}");
+        let text = String::from_utf8(bucket.get(&format!("ns/md/x/traffic/{}", names[2])).await.expect("gets"))
+            .expect("utf-8");
+        assert!(matches!(serde_json::from_str(text.trim()), Ok(TrafficRecord::Feedback(f)) if f.rating == 4));
+
+        // A segment left behind by an earlier run goes up with the next upload, but an
+        // object of that name is never written again.
+        std::fs::write(local.join("pod-a-20260101T000000Z-000000.jsonl"), "{}\n").expect("writes");
+        std::fs::write(local.join(&names[0]), "replaced\n").expect("writes");
+        let again = TrafficLog::open_segmented(&local, "pod-a", true, bucket.clone(), "ns/md/x/traffic", policy)
+            .expect("opens");
+        assert_eq!(again.upload_sealed().await.expect("uploads"), 1);
+        assert_eq!(bucket.list("ns/md/x/traffic").await.expect("lists").len(), 4);
+        let first = bucket.get(&format!("ns/md/x/traffic/{}", names[0])).await.expect("gets");
+        assert!(!String::from_utf8_lossy(&first).contains("replaced"), "uploaded objects are never rewritten");
+        assert_eq!(std::fs::read_dir(&local).expect("lists").count(), 0);
+        std::fs::remove_dir_all(&local).expect("cleans up");
     }
 }
