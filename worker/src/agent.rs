@@ -1,10 +1,13 @@
 //! `llmops-worker agent`: the worker inside a pod. It reads who it works for from its
-//! environment, fetches its Assignment from the operator's gateway, runs the mode, and
-//! keeps one session open to the gateway: events up (phase, progress, checkpoints, the
-//! final result or failure), commands down (cancel, checkpoint now). A lost connection
-//! is re-established with backoff and every event not yet acknowledged is sent again,
-//! so the final result is never lost; the agent exits only once the gateway has
-//! recorded it (or after a grace period, when the gateway stays away).
+//! environment, fetches its Assignment from the operator's gateway (or reads it from
+//! `LLMOPS_ASSIGNMENT_FILE`, a mounted ConfigMap, so that serving pods start and restart
+//! without the operator), runs the mode, and keeps one session open to the gateway:
+//! events up (phase, progress, checkpoints, the final result or failure), commands down
+//! (cancel, checkpoint now). A lost connection is re-established with backoff and every
+//! event not yet acknowledged is sent again, so the final result is never lost; the
+//! agent exits only once the gateway has recorded it (or after a grace period, when the
+//! gateway stays away). Nothing a mode does waits for the gateway: events queue while it
+//! is away.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -30,6 +33,9 @@ use crate::store::{file_sha256, local_path};
 const FETCH_PATIENCE: Duration = Duration::from_secs(300);
 /// How long the agent keeps trying to deliver its final event once the mode ended.
 const DELIVERY_PATIENCE: Duration = Duration::from_secs(600);
+/// How long a stopped server waits for its last event to be acknowledged: for serving,
+/// the gateway is for reporting only, so a pod being stopped does not linger for it.
+const SERVE_DELIVERY_PATIENCE: Duration = Duration::from_secs(10);
 /// Progress events kept while the gateway is away (older ones are dropped: the status
 /// only shows the newest).
 const MAX_PENDING_PROGRESS: usize = 32;
@@ -293,7 +299,7 @@ fn run_mode(assignment: &Assignment) -> Result<Option<Value>> {
         Some(Mode::Eval(_)) => crate::eval::run(assignment).map(Some),
         Some(Mode::Serve(_)) => {
             report::phase("Serving", "serving the model");
-            crate::serve::run(assignment).map(|()| None)
+            crate::serve::run_with(assignment, crate::serve::Options::AGENT).map(|()| None)
         }
         None => bail!("the assignment names no mode"),
     }
@@ -478,8 +484,28 @@ impl Session {
     }
 }
 
-/// Runs the agent: fetch, run, report. Exits 0 when the mode succeeded (and the gateway
-/// recorded it), 1 when it failed, 2 when the agent could not start.
+/// `LLMOPS_ASSIGNMENT_FILE`: where the Assignment is mounted, when it is not fetched.
+fn assignment_file() -> Option<PathBuf> {
+    std::env::var_os("LLMOPS_ASSIGNMENT_FILE").filter(|v| !v.is_empty()).map(PathBuf::from)
+}
+
+/// Reads a mounted Assignment (its YAML or JSON form); warns when it names another
+/// workload than the pod's environment does.
+fn read_assignment_file(path: &Path, env: &AgentEnv) -> Result<Assignment, String> {
+    let assignment = llmops_proto::read_assignment(path).map_err(|e| format!("{e}"))?;
+    if let Some(w) = &assignment.workload {
+        let ours = &env.workload;
+        if (w.namespace.as_str(), w.kind.as_str(), w.name.as_str()) != (&ours.namespace, &ours.kind, &ours.name)
+            || (!w.uid.is_empty() && w.uid != ours.uid)
+        {
+            tracing::warn!(file = ?w, env = ?ours, "the assignment file names another workload than LLMOPS_WORKLOAD");
+        }
+    }
+    Ok(assignment)
+}
+
+/// Runs the agent: fetch (or read), run, report. Exits 0 when the mode succeeded (and the
+/// gateway recorded it), 1 when it failed, 2 when the agent could not start.
 pub fn run() -> Result<ExitCode> {
     let env = AgentEnv::from_env()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -488,24 +514,54 @@ pub fn run() -> Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    tracing::info!(gateway = %env.gateway, workload = ?env.workload, pod = %env.pod, "agent starting");
-    let assignment = runtime.block_on(fetch(&env))?;
+    let file = assignment_file();
+    tracing::info!(gateway = %env.gateway, workload = ?env.workload, pod = %env.pod, assignment_file = ?file, "agent starting");
+    // A mounted Assignment needs no gateway: the session starts beside the mode and
+    // reports whenever the gateway is there.
+    let (assignment, source) = match &file {
+        Some(path) => match read_assignment_file(path, &env) {
+            Ok(a) => (Ok(a), format!("the assignment file {} holds", path.display())),
+            Err(e) => (Err(e), format!("the assignment file {}", path.display())),
+        },
+        None => (Ok(runtime.block_on(fetch(&env))?), "the gateway sent".to_string()),
+    };
+    // A ModelDeployment's pod is a server even when its assignment cannot be read.
+    let serving = matches!(assignment.as_ref().map(|a| a.mode.as_ref()), Ok(Some(Mode::Serve(_))))
+        || env.workload.kind == "ModelDeployment";
     let (tx, rx) = mpsc::unbounded_channel::<(Event, bool)>();
     let session = runtime.spawn(Session::new(env.clone()).run(rx));
-    if let Err(errors) = assignment.validate() {
-        let message = format!("the gateway sent an invalid assignment:\n{}", describe(&errors));
-        let _ = tx.send((
-            Event::Failure(v1::Failure {
-                reason: "InvalidAssignment".into(),
-                message: message.clone(),
-                retryable: false,
-            }),
-            true,
-        ));
-        drop(tx);
-        let _ = runtime.block_on(session);
-        bail!(message);
-    }
+    // The wait for the final event's acknowledgement: bounded for a server.
+    let deliver = |session: tokio::task::JoinHandle<bool>| {
+        runtime.block_on(async {
+            if serving {
+                tokio::time::timeout(SERVE_DELIVERY_PATIENCE, session).await.ok().and_then(Result::ok).unwrap_or(false)
+            } else {
+                session.await.unwrap_or(false)
+            }
+        })
+    };
+    let checked = match assignment {
+        Ok(a) => {
+            a.validate().map(|()| a).map_err(|errors| format!("{source} an invalid assignment:\n{}", describe(&errors)))
+        }
+        Err(e) => Err(format!("cannot read {source}: {e}")),
+    };
+    let assignment = match checked {
+        Ok(a) => a,
+        Err(message) => {
+            let _ = tx.send((
+                Event::Failure(v1::Failure {
+                    reason: "InvalidAssignment".into(),
+                    message: message.clone(),
+                    retryable: false,
+                }),
+                true,
+            ));
+            drop(tx);
+            let _ = deliver(session);
+            bail!(message);
+        }
+    };
     // With a bucket as the store, the mode runs on local copies.
     report::phase("Staging", "staging the inputs");
     let scratch = std::env::var_os("LLMOPS_SCRATCH")
@@ -519,7 +575,7 @@ pub fn run() -> Result<ExitCode> {
             let failure = v1::Failure { reason: "StagingFailed".into(), message: message.clone(), retryable: true };
             let _ = tx.send((Event::Failure(failure), true));
             drop(tx);
-            let _ = runtime.block_on(session);
+            let _ = deliver(session);
             bail!(message);
         }
     };
@@ -583,7 +639,7 @@ pub fn run() -> Result<ExitCode> {
     };
     let _ = tx.send((final_event, true));
     drop(tx);
-    let delivered = runtime.block_on(session).unwrap_or(false);
+    let delivered = deliver(session);
     if !delivered {
         tracing::error!("the gateway did not acknowledge the final event");
     }
