@@ -336,7 +336,25 @@ fn run_into(
                 None => jiff::Timestamp::now().to_string(),
             };
             snapshot_time = Some(until.clone());
-            let dir = local_path(&f.uri, store)?;
+            let dir = match traffic_in_bucket(&f.uri, store) {
+                Some(s3) => {
+                    // Sealed segments in a bucket: every object under the directory is
+                    // downloaded to local scratch and read from there.
+                    let scratch = std::env::temp_dir().join(format!("llmops-feedback-{}", std::process::id()));
+                    let _ = std::fs::remove_dir_all(&scratch);
+                    _scratch = Some(Cleanup(scratch.clone()));
+                    download_traffic(s3, &f.uri, &scratch)?;
+                    scratch
+                }
+                None if crate::store::is_remote(&f.uri) => {
+                    let scratch = std::env::temp_dir().join(format!("llmops-feedback-{}", std::process::id()));
+                    let _ = std::fs::remove_dir_all(&scratch);
+                    _scratch = Some(Cleanup(scratch.clone()));
+                    let uri = format!("{}/", f.uri.trim_end_matches('/'));
+                    crate::store::stage(&uri, &scratch)?
+                }
+                None => local_path(&f.uri, store)?,
+            };
             (source::feedback_rows(&dir, f.min_rating.max(1), f.prefer_correction, &until)?, f.uri.clone())
         }
     };
@@ -505,6 +523,34 @@ fn run_into(
         "dataset prepared"
     );
     Ok(manifest)
+}
+
+/// The S3 store a `store://` traffic directory lives in, when the store is a bucket.
+fn traffic_in_bucket<'a>(
+    uri: &str,
+    store: Option<&'a llmops_proto::v1::Store>,
+) -> Option<&'a llmops_proto::v1::S3Store> {
+    use llmops_proto::v1::store::Backend;
+    match store.and_then(|s| s.backend.as_ref()) {
+        Some(Backend::S3(s3)) if uri.starts_with("store://") => Some(s3),
+        _ => None,
+    }
+}
+
+/// Downloads every object under the `store://` directory `uri` into `target`.
+fn download_traffic(s3: &llmops_proto::v1::S3Store, uri: &str, target: &Path) -> Result<()> {
+    let key = uri.trim_start_matches("store://").trim_matches('/');
+    if key.split('/').any(|part| part == "..") {
+        bail!("{uri}: a store key must not contain '..'");
+    }
+    let bucket = crate::staging::Bucket::new(s3)?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    std::fs::create_dir_all(target)?;
+    let found = runtime.block_on(bucket.download(&format!("{key}/"), target))?;
+    if !found {
+        bail!("{uri}: not found: no traffic log under this key (s3://{}/{key}/)", s3.bucket);
+    }
+    Ok(())
 }
 
 /// Removes a scratch directory when dropped.

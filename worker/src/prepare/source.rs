@@ -349,6 +349,29 @@ fn arrow_cast_u64(array: &ArrayRef, i: usize) -> u64 {
 /// The latest feedback on a completion: its time, rating and correction.
 type Rating = (String, u8, Option<String>);
 
+/// Every `*.jsonl` under a traffic log directory, in subdirectories too (hidden entries
+/// skipped), sorted: the pods' appended logs and their sealed segments alike.
+pub fn traffic_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(at) = stack.pop() {
+        for entry in std::fs::read_dir(&at).with_context(|| format!("reading the traffic log {}", at.display()))? {
+            let entry = entry?;
+            if entry.file_name().to_string_lossy().starts_with('.') {
+                continue;
+            }
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "jsonl") {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
 /// Rows of a traffic log directory snapshot: completions finished at or before `until`
 /// (RFC 3339) whose latest rating is at least `min_rating`, with the user's correction as
 /// the answer when `prefer_correction` and one was given. Each row has the fields of all
@@ -360,12 +383,7 @@ pub fn feedback_rows(
     until: &str,
 ) -> Result<Box<dyn Iterator<Item = Row> + Send>> {
     let until: jiff::Timestamp = until.parse().with_context(|| format!("bad snapshot time {until:?}"))?;
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("reading the traffic log {}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
-        .collect();
-    files.sort();
+    let files = traffic_files(dir)?;
     let in_snapshot = move |time: &str| time.parse::<jiff::Timestamp>().is_ok_and(|t| t <= until);
     // Pass 1: the latest rating and correction of each id (feedback is small).
     let mut ratings: HashMap<String, Rating> = HashMap::new();
