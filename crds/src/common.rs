@@ -282,6 +282,11 @@ pub mod condition_types {
     pub const PROGRESSING: &str = "Progressing";
     /// An evaluation met every threshold and baseline.
     pub const PASSED: &str = "Passed";
+    /// kstatus: the operator is working towards the spec (True while not done).
+    pub const RECONCILING: &str = "Reconciling";
+    /// kstatus: the object failed and will not recover without a change of its spec or
+    /// of what it references.
+    pub const STALLED: &str = "Stalled";
 }
 
 /// Default for boolean fields that are on unless turned off.

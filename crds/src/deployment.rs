@@ -4,7 +4,9 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::common::{CommonStatus, LocalRef, ModelSource, NamedAdapter, Resources, SecretKeyRef, default_true};
+use crate::common::{
+    CommonStatus, LineageInput, LocalRef, ModelSource, NamedAdapter, Resources, SecretKeyRef, default_true,
+};
 use crate::evalrun::Evaluation;
 
 /// Serves a model, and named LoRA adapters beside it, with an OpenAI-compatible REST API.
@@ -40,7 +42,8 @@ use crate::evalrun::Evaluation;
 )]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
-    {"rule": "!has(self.autoscaling) || !has(self.replicas) || (self.replicas >= self.autoscaling.minReplicas && self.replicas <= self.autoscaling.maxReplicas)", "message": "replicas must lie within autoscaling.minReplicas and autoscaling.maxReplicas", "fieldPath": ".replicas", "reason": "FieldValueInvalid"}
+    {"rule": "!has(self.autoscaling) || !has(self.replicas) || (self.replicas >= self.autoscaling.minReplicas && self.replicas <= self.autoscaling.maxReplicas)", "message": "replicas must lie within autoscaling.minReplicas and autoscaling.maxReplicas", "fieldPath": ".replicas", "reason": "FieldValueInvalid"},
+    {"rule": "!has(self.promotion) || !has(self.promotion.model) || (has(self.adapters) && self.adapters.exists(a, a.name == self.promotion.model))", "message": "promotion.model must name one of adapters (or be absent for the base model)", "fieldPath": ".promotion.model", "reason": "FieldValueInvalid"}
 ]))]
 pub struct ModelDeploymentSpec {
     /// The base model served.
@@ -99,6 +102,13 @@ pub struct Autoscaling {
     #[serde(default = "default_target_cpu")]
     #[schemars(range(min = 1, max = 100))]
     pub target_cpu_utilization: i32,
+    /// Target average number of requests waiting per serving pod
+    /// (`llmops_worker_queue_depth`). Needs a metrics adapter (such as prometheus-adapter)
+    /// that serves that metric through the custom metrics API; without one the
+    /// HorizontalPodAutoscaler scales on CPU alone and reports the metric as missing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub target_queue_depth: Option<i32>,
 }
 
 fn default_min_replicas() -> i32 {
@@ -175,6 +185,11 @@ pub struct Promotion {
     /// this deployment that evaluates the candidate model, and traffic moves to it only
     /// when that EvalRun Passed for exactly that revision.
     pub gate: Evaluation,
+    /// The served model the gate evaluates: the name of one of `adapters`, or absent for
+    /// the base model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub model: Option<String>,
 }
 
 /// Observed state of a ModelDeployment.
@@ -214,6 +229,45 @@ pub struct ModelDeploymentStatus {
     /// Live serving figures, aggregated over ready pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<ServingMetrics>,
+    /// What exactly serves, and what it was trained on: the model, each adapter with
+    /// the FineTuneJob and inputs it came from, and the prompt, with their digests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lineage: Option<ServedLineage>,
+}
+
+/// The digests behind a serving revision.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServedLineage {
+    /// Revision these inputs make.
+    pub revision: String,
+    /// The base model: its URI or FineTuneJob, and its sha256.
+    pub model: LineageInput,
+    /// The adapters served beside it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub adapters: Vec<AdapterLineage>,
+    /// The PromptVersion used as the default system prompt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<LineageInput>,
+}
+
+/// An adapter served, and what it was trained from.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AdapterLineage {
+    /// Model name it is served under.
+    pub name: String,
+    /// sha256 of the adapter's manifest.
+    pub sha256: String,
+    /// The FineTuneJob that trained it; absent for an adapter given by URI.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fine_tune_job: Option<String>,
+    /// The adapter's URI, for an adapter given by URI.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri: Option<String>,
+    /// The FineTuneJob's own lineage: its base model, its Dataset and their digests.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trained_on: Vec<LineageInput>,
 }
 
 /// Verdict of a promotion gate.
@@ -244,9 +298,15 @@ pub struct ServingMetrics {
     /// Median time to first token, in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time_to_first_token_ms: Option<f64>,
+    /// 95th percentile time to first token, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_to_first_token_p95_ms: Option<f64>,
     /// 95th percentile request latency, in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub p95_latency_ms: Option<f64>,
+    /// Fraction of requests that failed over the last minute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_rate: Option<f64>,
     /// Mean feedback rating (1 to 5).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub feedback_score: Option<f64>,

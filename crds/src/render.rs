@@ -192,6 +192,37 @@ impl PromptVersionSpec {
         })
     }
 
+    /// What a ModelDeployment serving this prompt puts before each chat request: its
+    /// system messages (a `template` prompt is one system message), rendered with the
+    /// declared defaults. The other messages format samples for evaluations; serving
+    /// leaves the conversation to the client. A variable a system message uses must have
+    /// a default.
+    pub fn served_messages(&self) -> Result<Vec<ChatMessage>, PromptError> {
+        let env = environment();
+        let mut context: BTreeMap<String, Value> = BTreeMap::new();
+        let mut messages = Vec::new();
+        for part in parts(self) {
+            if part.role.is_some_and(|r| r != "system") {
+                continue;
+            }
+            let template = env.template_from_str(part.source).map_err(|e| syntax_error(&part.location, &e))?;
+            for name in template.undeclared_variables(false) {
+                let default = self.variables.iter().find(|v| v.name == name).and_then(|v| v.default.clone());
+                match default {
+                    Some(d) => {
+                        context.insert(name, Value::from(d));
+                    }
+                    None => return Err(PromptError::MissingVariable { name }),
+                }
+            }
+            let content = template
+                .render(&context)
+                .map_err(|e| PromptError::Render { location: part.location.clone(), detail: e.to_string() })?;
+            messages.push(ChatMessage { role: "system".into(), content });
+        }
+        Ok(messages)
+    }
+
     /// sha256 of the prompt's content: the canonical JSON of the spec. Two PromptVersions
     /// with the same content have the same digest whatever their names.
     pub fn digest(&self) -> String {
@@ -228,6 +259,18 @@ examples:
   - name: basic
     variables: {question: "Where is my order?"}
 "#;
+
+    #[test]
+    fn serving_takes_the_system_messages_with_their_defaults() {
+        let s = spec(SUPPORT);
+        let served = s.served_messages().expect("servable: the user turn is the client's");
+        assert_eq!(served, vec![ChatMessage { role: "system".into(), content: "You answer in English.".into() }]);
+        let mut needs = s.clone();
+        if let Some(m) = needs.messages.as_mut() {
+            m[0].content = "You answer about {{ question }}".into();
+        }
+        assert_eq!(needs.served_messages(), Err(PromptError::MissingVariable { name: "question".into() }));
+    }
 
     #[test]
     fn renders_messages_with_defaults_and_values() {

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use llmops_crds::dataset::{DataFormat, DatasetSpec, PiiKind, RecordSchema, UnicodeForm};
+use llmops_crds::deployment::ModelDeploymentSpec;
 use llmops_crds::evalrun::EvalRunSpec;
 use llmops_crds::finetune::{FineTuneJobSpec, FineTuneMethod, SplitName};
 use llmops_crds::prompt::PromptVersionSpec;
@@ -385,19 +386,32 @@ pub fn prompt(name: &str, spec: &PromptVersionSpec, digest: &str) -> v1::Prompt 
     }
 }
 
+/// What an EvalRun's references resolved to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalInputs {
+    /// The target.
+    pub target: ResolvedTarget,
+    /// The split's file.
+    pub data: v1::Artifact,
+    /// The PromptVersion that formats samples.
+    pub prompt: Option<v1::Prompt>,
+    /// The baseline run's metrics.
+    pub baseline_metrics: Option<BTreeMap<String, f64>>,
+    /// The judge's ModelDeployment, as an endpoint.
+    pub judge_deployment: Option<v1::EndpointTarget>,
+}
+
 /// The eval Assignment of an EvalRun.
 pub fn eval(
     key: &WorkloadKey,
     store: &StoreConfig,
     spec: &EvalRunSpec,
-    target: &ResolvedTarget,
-    data: v1::Artifact,
-    prompt: Option<v1::Prompt>,
-    baseline_metrics: Option<BTreeMap<String, f64>>,
+    inputs: EvalInputs,
 ) -> Result<Assignment, BuildError> {
     use v1::eval_target::Target;
+    let EvalInputs { target, data, prompt, baseline_metrics, judge_deployment } = inputs;
     let e = &spec.evaluation;
-    let (target, revision) = match target {
+    let (target, revision) = match &target {
         ResolvedTarget::Local { model, adapter } => {
             (Target::Local(v1::LocalTarget { model: Some(model.clone()), adapter: adapter.clone() }), String::new())
         }
@@ -422,9 +436,9 @@ pub fn eval(
         (None, _) => None,
     };
     let judge = match &e.judge {
-        Some(j) => match &j.endpoint {
-            Some(ep) => Some(v1::Judge {
-                endpoint: Some(v1::EndpointTarget {
+        Some(j) => {
+            let endpoint = match (&j.endpoint, judge_deployment) {
+                (Some(ep), _) => v1::EndpointTarget {
                     url: ep.url.clone(),
                     model: ep.model.clone(),
                     api_key_file: ep
@@ -432,17 +446,17 @@ pub fn eval(
                         .as_ref()
                         .map(|s| crate::job::SecretFile { secret: s.name.clone(), key: api_key_key(s) }.path())
                         .unwrap_or_default(),
-                }),
-                rubric: j.rubric.clone(),
-                max_score: unsigned32(j.max_score),
-            }),
-            None => {
-                return Err(BuildError::new(
-                    "UnsupportedJudge",
-                    "a judge by ModelDeployment is not supported yet; give the judge an endpoint",
-                ));
-            }
-        },
+                },
+                (None, Some(served)) => served,
+                (None, None) => {
+                    return Err(BuildError::new(
+                        "WaitingForModelDeployment",
+                        "waiting for the judge's ModelDeployment to serve",
+                    ));
+                }
+            };
+            Some(v1::Judge { endpoint: Some(endpoint), rubric: j.rubric.clone(), max_score: unsigned32(j.max_score) })
+        }
         None => None,
     };
     let a = v1::EvalAssignment {
@@ -465,6 +479,84 @@ pub fn eval(
         output: Some(v1::Output { uri: key.output_uri() }),
     };
     finish(key, store, Mode::Eval(a))
+}
+
+// ---- ModelDeployment -> serve ----
+
+/// Port every serving pod listens on (the Service's `http` port).
+pub const SERVING_PORT: u32 = 8000;
+
+/// What a ModelDeployment's references resolved to: the digests a revision is made of.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResolvedServing {
+    /// The base model.
+    pub model: v1::Model,
+    /// Each adapter by its served name.
+    pub adapters: Vec<(String, v1::Artifact)>,
+    /// The default prompt.
+    pub prompt: Option<v1::Prompt>,
+}
+
+/// The revision of a ModelDeployment: a hash of the model digest (its URI while no
+/// digest is known), the adapters' digests, the prompt's digest and the serving
+/// settings. Replicas, resources and placement are not part of it: they change pods,
+/// not what the model answers.
+pub fn revision(spec: &ModelDeploymentSpec, resolved: &ResolvedServing) -> String {
+    use sha2::{Digest, Sha256};
+    let artifact = |a: Option<&v1::Artifact>| -> String {
+        a.map(|a| if a.sha256.is_empty() { a.uri.clone() } else { a.sha256.clone() }).unwrap_or_default()
+    };
+    let content = serde_json::json!({
+        "model": artifact(resolved.model.weights.as_ref()),
+        "format": resolved.model.format,
+        "dtype": resolved.model.dtype,
+        "adapters": resolved.adapters.iter().map(|(n, a)| (n.clone(), artifact(Some(a)))).collect::<Vec<_>>(),
+        "prompt": resolved.prompt.as_ref().map(|p| p.sha256.clone()),
+        "serving": spec.serving,
+        "record": spec.traffic.record,
+    });
+    let digest = Sha256::digest(serde_json::to_vec(&content).unwrap_or_default());
+    hex::encode(&digest[..5])
+}
+
+/// The serve Assignment of one revision of a ModelDeployment.
+pub fn serve(
+    key: &WorkloadKey,
+    store: &StoreConfig,
+    spec: &ModelDeploymentSpec,
+    resolved: &ResolvedServing,
+    api_keys_file: Option<String>,
+    revision: &str,
+) -> Result<Assignment, BuildError> {
+    let s = &spec.serving;
+    let a = v1::ServeAssignment {
+        model: Some(resolved.model.clone()),
+        adapters: resolved
+            .adapters
+            .iter()
+            .map(|(name, a)| v1::ServedAdapter { name: name.clone(), adapter: Some(a.clone()) })
+            .collect(),
+        prompt: resolved.prompt.clone(),
+        serving: Some(v1::Serving {
+            // Empty: every address of the pod (the development node narrows it to the pod's).
+            host: String::new(),
+            port: SERVING_PORT,
+            max_batch_size: unsigned32(s.max_batch_size),
+            max_queue: unsigned32(s.max_queue),
+            context_length: s.context_length.map(unsigned32).unwrap_or(0),
+            max_request_bytes: unsigned32(s.max_request_bytes),
+        }),
+        api_keys_file: api_keys_file.unwrap_or_default(),
+        traffic: Some(v1::Traffic { record: spec.traffic.record, uri: traffic_uri(key) }),
+        revision: revision.to_string(),
+        model_name: key.name.clone(),
+    };
+    finish(key, store, Mode::Serve(a))
+}
+
+/// The traffic log directory of a ModelDeployment (DESIGN.md's store layout).
+pub fn traffic_uri(key: &WorkloadKey) -> String {
+    format!("store://{}/modeldeployment/{}/traffic/", key.namespace, key.name)
 }
 
 /// The key of an API key Secret: the one named, else `api-key`.

@@ -47,7 +47,36 @@ pub fn set(
 }
 
 fn order(type_: &str) -> usize {
-    ["Ready", "Succeeded", "Failed", "Passed"].iter().position(|t| *t == type_).unwrap_or(9)
+    ["Ready", "Succeeded", "Failed", "Passed", "Available", "Progressing", "Reconciling", "Stalled"]
+        .iter()
+        .position(|t| *t == type_)
+        .unwrap_or(9)
+}
+
+/// Where an object stands for the tools that compute health from conditions (kstatus:
+/// Flux, cli-utils; Argo CD health checks): the `Reconciling` and `Stalled` pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// Work is in progress (waiting for an input, a pod, a rollout, a gate).
+    Reconciling,
+    /// Failed, and will not recover without a change.
+    Stalled,
+    /// Done: nothing left to do until something changes.
+    Settled,
+}
+
+/// Sets `Reconciling` and `Stalled` for `health`, both with `reason` and `message`.
+pub fn set_health(
+    conditions: &mut Vec<Condition>,
+    health: Health,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    now: &Time,
+) {
+    use llmops_crds::condition_types::{RECONCILING, STALLED};
+    set(conditions, RECONCILING, health == Health::Reconciling, reason, message, generation, now);
+    set(conditions, STALLED, health == Health::Stalled, reason, message, generation, now);
 }
 
 /// The condition of `type_`, if set.

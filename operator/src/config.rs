@@ -68,6 +68,11 @@ pub struct RunArgs {
     /// and stop before the pod is removed anyway.
     #[arg(long, default_value = "120s", value_parser = parse_duration)]
     pub checkpoint_grace: Duration,
+    /// Address ModelDeployments by the IP of a ready serving pod (from their Service's
+    /// EndpointSlices) instead of the Service's DNS name, for clusters without DNS or
+    /// kube-proxy (such as the local development cluster).
+    #[arg(long)]
+    pub address_by_pod_ip: bool,
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     pub log_format: String,
@@ -168,6 +173,8 @@ pub struct Config {
     pub checkpoint_grace: Duration,
     /// Work only while holding this Lease; None: always.
     pub leader_election: Option<crate::leader::LeaderElection>,
+    /// Address ModelDeployments by a ready pod's IP instead of their Service's DNS name.
+    pub address_by_pod_ip: bool,
 }
 
 impl Config {
@@ -186,6 +193,7 @@ impl Config {
             progress_interval: Duration::from_secs(2),
             checkpoint_grace: Duration::from_secs(120),
             leader_election: None,
+            address_by_pod_ip: false,
         }
     }
 }
@@ -236,6 +244,7 @@ impl From<&RunArgs> for Config {
                     format!("{base}_{suffix}"),
                 )
             }),
+            address_by_pod_ip: args.address_by_pod_ip,
         }
     }
 }

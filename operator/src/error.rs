@@ -47,6 +47,124 @@ impl Error {
 /// Result of reconcile steps.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// A step of the reconcile pipeline: dereference (read what the object points at) ->
+/// validate (pure) -> build (pure: the desired objects) -> apply -> update status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Reading referenced and owned objects.
+    Dereference,
+    /// Checking the spec against what it references.
+    Validate,
+    /// Building the desired objects.
+    Build,
+    /// Server-side applying owned objects.
+    Apply,
+    /// Writing the status.
+    UpdateStatus,
+}
+
+impl Step {
+    /// CamelCase name of the step.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::Dereference => "Dereference",
+            Step::Validate => "Validate",
+            Step::Build => "Build",
+            Step::Apply => "Apply",
+            Step::UpdateStatus => "UpdateStatus",
+        }
+    }
+}
+
+/// A failed reconcile: the step that failed and why, one variant per step (so the event
+/// reason and the metric label say which step it was).
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    /// Reading referenced or owned objects failed.
+    #[error("dereference: {source}")]
+    Dereference {
+        /// The cause.
+        source: Error,
+    },
+    /// Validating the spec failed for a reason other than the spec itself.
+    #[error("validate: {source}")]
+    Validate {
+        /// The cause.
+        source: Error,
+    },
+    /// Building the desired objects failed.
+    #[error("build: {source}")]
+    Build {
+        /// The cause.
+        source: Error,
+    },
+    /// Applying owned objects failed.
+    #[error("apply: {source}")]
+    Apply {
+        /// The cause.
+        source: Error,
+    },
+    /// Writing the status failed.
+    #[error("update status: {source}")]
+    UpdateStatus {
+        /// The cause.
+        source: Error,
+    },
+}
+
+impl ReconcileError {
+    /// Wraps `source` as a failure of `step`.
+    pub fn at(step: Step, source: impl Into<Error>) -> Self {
+        let source = source.into();
+        match step {
+            Step::Dereference => Self::Dereference { source },
+            Step::Validate => Self::Validate { source },
+            Step::Build => Self::Build { source },
+            Step::Apply => Self::Apply { source },
+            Step::UpdateStatus => Self::UpdateStatus { source },
+        }
+    }
+
+    /// The step that failed.
+    pub fn step(&self) -> Step {
+        match self {
+            Self::Dereference { .. } => Step::Dereference,
+            Self::Validate { .. } => Step::Validate,
+            Self::Build { .. } => Step::Build,
+            Self::Apply { .. } => Step::Apply,
+            Self::UpdateStatus { .. } => Step::UpdateStatus,
+        }
+    }
+
+    /// The underlying error.
+    pub fn source_error(&self) -> &Error {
+        match self {
+            Self::Dereference { source }
+            | Self::Validate { source }
+            | Self::Build { source }
+            | Self::Apply { source }
+            | Self::UpdateStatus { source } => source,
+        }
+    }
+
+    /// The event reason: the step and the category, e.g. `ApplyApiConflict`.
+    pub fn reason(&self) -> String {
+        format!("{}{}", self.step().as_str(), self.source_error().category())
+    }
+}
+
+/// Attaches the step to errors of a reconcile step.
+pub trait AtStep<T> {
+    /// Marks an error as a failure of `step`.
+    fn at(self, step: Step) -> std::result::Result<T, ReconcileError>;
+}
+
+impl<T, E: Into<Error>> AtStep<T> for std::result::Result<T, E> {
+    fn at(self, step: Step) -> std::result::Result<T, ReconcileError> {
+        self.map_err(|e| ReconcileError::at(step, e))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -64,5 +182,14 @@ mod tests {
             assert!(c.chars().next().is_some_and(|ch| ch.is_ascii_uppercase()), "{c}");
             assert!(c.chars().all(|ch| ch.is_ascii_alphanumeric()), "{c}");
         }
+    }
+
+    #[test]
+    fn a_step_error_names_its_step_in_the_reason() {
+        let e = ReconcileError::at(Step::Apply, Error::MissingMetadata("uid"));
+        assert_eq!(e.step(), Step::Apply);
+        assert_eq!(e.reason(), "ApplyMissingMetadata");
+        let r: std::result::Result<(), Error> = Err(Error::Random("x".into()));
+        assert_eq!(r.at(Step::UpdateStatus).err().map(|e| e.reason()).as_deref(), Some("UpdateStatusTokenGeneration"));
     }
 }

@@ -75,7 +75,40 @@ pub fn gpus(resources: Option<&Resources>) -> i32 {
 /// Builds the Job. Pure: the same inputs give the same Job.
 pub fn build(config: &Config, w: &WorkerJob<'_>) -> Job {
     let key = w.key;
-    let gpus = gpus(w.resources);
+    let template = pod_template(config, key, &w.token_secret, w.resources, &w.secret_files);
+    let labels = template.metadata.as_ref().and_then(|m| m.labels.clone()).unwrap_or_default();
+    Job {
+        metadata: ObjectMeta {
+            name: Some(w.job_name.clone()),
+            namespace: Some(key.namespace.clone()),
+            labels: Some(labels),
+            owner_references: Some(vec![w.owner.clone()]),
+            ..Default::default()
+        },
+        spec: Some(JobSpec {
+            backoff_limit: Some(w.backoff_limit.max(0)),
+            completions: Some(1),
+            parallelism: Some(1),
+            suspend: Some(w.suspend),
+            template,
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+/// The pod of a worker: one container running `llmops-worker agent` with the gateway's
+/// address, the workload's identity and token file, the store, the Secret files, and
+/// the resources and placement of the spec; restartPolicy Never. Pure. Long-running
+/// workloads (serving) adjust what differs.
+pub fn pod_template(
+    config: &Config,
+    key: &WorkloadKey,
+    token_secret: &str,
+    resources: Option<&Resources>,
+    secret_files: &[SecretFile],
+) -> PodTemplateSpec {
+    let gpus = gpus(resources);
     let mut labels = key.labels();
     labels.insert(WORKER_LABEL.to_string(), "true".to_string());
 
@@ -101,7 +134,7 @@ pub fn build(config: &Config, w: &WorkerJob<'_>) -> Job {
     let mut volumes = vec![Volume {
         name: "llmops-token".into(),
         secret: Some(SecretVolumeSource {
-            secret_name: Some(w.token_secret.clone()),
+            secret_name: Some(token_secret.to_string()),
             items: Some(vec![KeyToPath { key: TOKEN_KEY.into(), path: TOKEN_KEY.into(), mode: None }]),
             default_mode: Some(0o440),
             ..Default::default()
@@ -164,7 +197,7 @@ pub fn build(config: &Config, w: &WorkerJob<'_>) -> Job {
         StoreConfig::S3 { credentials_secret: None, .. } => {}
     }
 
-    for (i, file) in w.secret_files.iter().enumerate() {
+    for (i, file) in secret_files.iter().enumerate() {
         let name = format!("api-key-{i}");
         volumes.push(Volume {
             name: name.clone(),
@@ -185,7 +218,7 @@ pub fn build(config: &Config, w: &WorkerJob<'_>) -> Job {
     }
 
     let mut quantities: BTreeMap<String, Quantity> = BTreeMap::new();
-    if let Some(r) = w.resources {
+    if let Some(r) = resources {
         if let Some(cpu) = &r.cpu {
             quantities.insert("cpu".into(), cpu.clone());
         }
@@ -216,45 +249,28 @@ pub fn build(config: &Config, w: &WorkerJob<'_>) -> Job {
         ..Default::default()
     };
 
-    let node_selector = w.resources.map(|r| r.node_selector.clone()).filter(|m| !m.is_empty());
-    let tolerations = w.resources.map(|r| r.tolerations.clone()).filter(|t| !t.is_empty());
+    let node_selector = resources.map(|r| r.node_selector.clone()).filter(|m| !m.is_empty());
+    let tolerations = resources.map(|r| r.tolerations.clone()).filter(|t| !t.is_empty());
     let pod = PodSpec {
         containers: vec![container],
         restart_policy: Some("Never".into()),
         volumes: Some(volumes),
         node_selector,
         tolerations,
-        priority_class_name: w.resources.and_then(|r| r.priority_class_name.clone()),
+        priority_class_name: resources.and_then(|r| r.priority_class_name.clone()),
         automount_service_account_token: Some(false),
         enable_service_links: Some(false),
         termination_grace_period_seconds: Some(60),
         ..Default::default()
     };
 
-    Job {
-        metadata: ObjectMeta {
-            name: Some(w.job_name.clone()),
-            namespace: Some(key.namespace.clone()),
-            labels: Some(labels.clone()),
-            owner_references: Some(vec![w.owner.clone()]),
-            ..Default::default()
-        },
-        spec: Some(JobSpec {
-            backoff_limit: Some(w.backoff_limit.max(0)),
-            completions: Some(1),
-            parallelism: Some(1),
-            suspend: Some(w.suspend),
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(labels),
-                    annotations: Some(BTreeMap::from([(WORKLOAD_ANNOTATION.to_string(), key.to_string())])),
-                    ..Default::default()
-                }),
-                spec: Some(pod),
-            },
+    PodTemplateSpec {
+        metadata: Some(ObjectMeta {
+            labels: Some(labels),
+            annotations: Some(BTreeMap::from([(WORKLOAD_ANNOTATION.to_string(), key.to_string())])),
             ..Default::default()
         }),
-        status: None,
+        spec: Some(pod),
     }
 }
 

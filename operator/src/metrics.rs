@@ -25,7 +25,9 @@ pub struct KindLabel {
 pub struct ErrorLabels {
     /// The kind reconciled.
     pub kind: String,
-    /// The error's category (the event reason).
+    /// The reconcile step that failed: Dereference, Validate, Build, Apply, UpdateStatus.
+    pub step: String,
+    /// The error's category (the event reason is the step followed by it).
     pub category: String,
 }
 
@@ -156,8 +158,13 @@ impl Metrics {
     }
 
     /// Counts a failed reconcile.
-    pub fn reconcile_failed(&self, kind: &str, category: &str) {
-        self.reconcile_errors.get_or_create(&ErrorLabels { kind: kind.into(), category: category.into() }).inc();
+    pub fn reconcile_failed(&self, kind: &str, error: &crate::error::ReconcileError) {
+        let labels = ErrorLabels {
+            kind: kind.into(),
+            step: error.step().as_str().into(),
+            category: error.source_error().category().into(),
+        };
+        self.reconcile_errors.get_or_create(&labels).inc();
     }
 }
 
@@ -219,7 +226,9 @@ mod tests {
     fn metric_names_carry_the_prefix() {
         let metrics = Arc::new(Metrics::new());
         drop(metrics.reconcile_started("Dataset"));
-        metrics.reconcile_failed("Dataset", "ApiError");
+        let error =
+            crate::error::ReconcileError::at(crate::error::Step::Apply, crate::error::Error::MissingMetadata("uid"));
+        metrics.reconcile_failed("Dataset", &error);
         metrics.refuse("foreign");
         let text = metrics.encode();
         for name in [
@@ -231,6 +240,7 @@ mod tests {
             "llmops_operator_gateway_refused_tokens_total",
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
+            assert!(text.contains("step=\"Apply\""), "the error counter names the step:\n{text}");
         }
         assert_eq!(metrics.refused("foreign"), 1);
     }

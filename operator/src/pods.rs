@@ -23,7 +23,17 @@ pub fn newest(pods: &[Pod]) -> Option<&Pod> {
     })
 }
 
-/// Whether a pod is running.
+/// Whether a pod is Ready (its readiness probe passes) and not being deleted.
+pub fn is_ready(pod: &Pod) -> bool {
+    pod.metadata.deletion_timestamp.is_none()
+        && pod
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// Whether the pod's phase is Running.
 pub fn is_running(pod: &Pod) -> bool {
     pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
 }

@@ -6,7 +6,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use llmops_crds::condition_types::{FAILED, READY, SUCCEEDED};
 use llmops_crds::{CommonStatus, JobTimes};
 
-use crate::conditions;
+use crate::conditions::{self, Health};
 use crate::gateway::Observed;
 use crate::pods::PodProblem;
 
@@ -133,7 +133,9 @@ pub fn compute(old: &BatchState, obs: &Observation, generation: Option<i64>, now
         let c = &mut s.common.conditions;
         conditions::set(c, READY, ok, reason, message.clone(), generation, now);
         conditions::set(c, SUCCEEDED, ok, reason, message.clone(), generation, now);
-        conditions::set(c, FAILED, !ok, reason, message, generation, now);
+        conditions::set(c, FAILED, !ok, reason, message.clone(), generation, now);
+        let health = if ok { Health::Settled } else { Health::Stalled };
+        conditions::set_health(c, health, reason, &message, generation, now);
         phase_set(s, if ok { "Succeeded" } else { "Failed" });
         if s.times.completion_time.is_none() {
             s.times.completion_time = Some(now.clone());
@@ -198,7 +200,10 @@ pub fn compute(old: &BatchState, obs: &Observation, generation: Option<i64>, now
     let conds = &mut s.common.conditions;
     conditions::set(conds, READY, false, &ready_reason, message.clone(), generation, now);
     conditions::set(conds, SUCCEEDED, false, &ready_reason, message.clone(), generation, now);
-    conditions::set(conds, FAILED, false, &ready_reason, message, generation, now);
+    conditions::set(conds, FAILED, false, &ready_reason, message.clone(), generation, now);
+    // A suspended workload is not being worked on: it waits for the user.
+    let health = if obs.suspend { Health::Settled } else { Health::Reconciling };
+    conditions::set_health(conds, health, &ready_reason, &message, generation, now);
     phase_set(&mut s, phase);
     s
 }
@@ -211,7 +216,22 @@ pub fn waiting(old: &BatchState, reason: &str, message: &str, generation: Option
     for t in [READY, SUCCEEDED, FAILED] {
         conditions::set(&mut s.common.conditions, t, false, reason, message, generation, now);
     }
+    conditions::set_health(&mut s.common.conditions, Health::Reconciling, reason, message, generation, now);
     phase_set(&mut s, "Waiting");
+    s
+}
+
+/// The state of a workload whose spec can never work as it is (an invalid transform, an
+/// unsupported judge): Failed and Stalled until the spec changes. No pod is started.
+pub fn invalid(old: &BatchState, reason: &str, message: &str, generation: Option<i64>, now: &Time) -> BatchState {
+    let mut s = old.clone();
+    s.common.observed_generation = generation;
+    let c = &mut s.common.conditions;
+    conditions::set(c, READY, false, reason, message, generation, now);
+    conditions::set(c, SUCCEEDED, false, reason, message, generation, now);
+    conditions::set(c, FAILED, true, reason, message, generation, now);
+    conditions::set_health(c, Health::Stalled, reason, message, generation, now);
+    phase_set(&mut s, "Failed");
     s
 }
 
@@ -262,6 +282,9 @@ mod tests {
         let s3 = compute(&s2, &obs, Some(1), &at(30));
         assert_eq!(reason(&s3, "Ready"), ("True".into(), "Succeeded".into()));
         assert_eq!(reason(&s3, "Failed"), ("False".into(), "Succeeded".into()));
+        assert_eq!(reason(&s2, "Reconciling"), ("True".into(), "Running".into()));
+        assert_eq!(reason(&s3, "Reconciling").0, "False");
+        assert_eq!(reason(&s3, "Stalled").0, "False");
         assert_eq!(s3.common.phase.as_deref(), Some("Succeeded"));
         assert_eq!(s3.times.completion_time, Some(at(30)));
         // Recomputing a finished state changes nothing but may be asked again.
@@ -283,6 +306,8 @@ mod tests {
         let obs = Observation { job: Some(running_job()), gateway: Some(gateway), ..Default::default() };
         let s = compute(&BatchState::default(), &obs, Some(2), &at(5));
         assert_eq!(reason(&s, "Failed"), ("True".into(), "DigestMismatch".into()));
+        assert_eq!(reason(&s, "Stalled"), ("True".into(), "DigestMismatch".into()));
+        assert_eq!(reason(&s, "Reconciling").0, "False");
         let msg = &conditions::get(&s.common.conditions, "Ready").expect("ready").message;
         assert!(msg.contains("train.parquet does not match"), "{msg}");
         assert_eq!(s.common.observed_generation, Some(2));
@@ -304,6 +329,19 @@ mod tests {
         let obs = Observation { job: Some(JobView { succeeded: 1, ..Default::default() }), ..Default::default() };
         let s = compute(&BatchState::default(), &obs, None, &at(1));
         assert_eq!(reason(&s, "Failed"), ("True".into(), "NoResult".into()));
+    }
+
+    #[test]
+    fn waiting_reconciles_and_an_invalid_spec_stalls() {
+        let w = waiting(&BatchState::default(), "WaitingForDataset", "waiting", Some(1), &at(1));
+        assert_eq!(reason(&w, "Reconciling"), ("True".into(), "WaitingForDataset".into()));
+        assert_eq!(reason(&w, "Stalled").0, "False");
+        assert!(!w.finished());
+        let i = invalid(&w, "UnsupportedJudge", "no", Some(2), &at(2));
+        assert_eq!(reason(&i, "Stalled"), ("True".into(), "UnsupportedJudge".into()));
+        assert_eq!(reason(&i, "Reconciling").0, "False");
+        assert!(i.failed());
+        assert_eq!(i.common.phase.as_deref(), Some("Failed"));
     }
 
     #[test]

@@ -104,7 +104,14 @@ fn evalrun_with_an_adapter_prompt_and_baseline() {
     let mut spec = run.spec.clone();
     spec.evaluation.baseline = Some(llmops_crds::evalrun::Baseline { eval_run: "base".into(), max_regression: 0.01 });
     let baseline = Some(BTreeMap::from([("rougeL".to_string(), 0.4)]));
-    let a = eval(&key("EvalRun", "e"), &store(), &spec, &target, data, Some(p), baseline).expect("builds");
+    let resolved = EvalInputs {
+        target: target.clone(),
+        data,
+        prompt: Some(p),
+        baseline_metrics: baseline,
+        judge_deployment: None,
+    };
+    let a = eval(&key("EvalRun", "e"), &store(), &spec, resolved).expect("builds");
     let Some(Mode::Eval(e)) = &a.mode else { panic!("eval mode") };
     assert_eq!(e.metrics, vec!["contains", "tokenF1", "rougeL"]);
     assert_eq!(e.thresholds[0].min, Some(0.3));
@@ -121,8 +128,7 @@ fn evalrun_with_an_adapter_prompt_and_baseline() {
     };
     assert!(local.adapter.is_some());
     // A baseline that has not resolved is waited for, not built.
-    let err =
-        eval(&key("EvalRun", "e"), &store(), &spec, &target, v1::Artifact::default(), None, None).expect_err("waits");
+    let err = eval(&key("EvalRun", "e"), &store(), &spec, inputs(target, v1::Artifact::default())).expect_err("waits");
     assert_eq!(err.reason, "WaitingForBaseline");
 }
 
@@ -139,7 +145,7 @@ fn endpoint_target_reads_its_api_key_from_a_file() {
         api_key_file: crate::job::SecretFile { secret: "openai".into(), key: "api-key".into() }.path(),
         revision: String::new(),
     };
-    let a = eval(&key("EvalRun", "e"), &store(), &spec, &target, dataset_artifact().split(SplitName::Test), None, None)
+    let a = eval(&key("EvalRun", "e"), &store(), &spec, inputs(target, dataset_artifact().split(SplitName::Test)))
         .expect("builds");
     let Some(Mode::Eval(e)) = &a.mode else { panic!("eval mode") };
     let Some(eval_target::Target::Endpoint(ep)) = e.target.as_ref().and_then(|t| t.target.as_ref()) else {
@@ -161,9 +167,12 @@ fn an_invalid_result_is_refused_by_the_protocol_check() {
         revision: String::new(),
     };
     // perplexity needs a local model: the protocol's validation says so.
-    let err =
-        eval(&key("EvalRun", "e"), &store(), &spec, &target, dataset_artifact().split(SplitName::Test), None, None)
-            .expect_err("invalid");
+    let err = eval(&key("EvalRun", "e"), &store(), &spec, inputs(target, dataset_artifact().split(SplitName::Test)))
+        .expect_err("invalid");
     assert_eq!(err.reason, "InvalidAssignment");
     assert!(err.message.contains("eval.metrics[0]"), "{}", err.message);
+}
+
+fn inputs(target: ResolvedTarget, data: v1::Artifact) -> EvalInputs {
+    EvalInputs { target, data, prompt: None, baseline_metrics: None, judge_deployment: None }
 }

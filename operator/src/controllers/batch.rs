@@ -23,7 +23,7 @@ use serde::de::DeserializeOwned;
 
 use crate::conditions;
 use crate::context::Context;
-use crate::error::{Error, Result};
+use crate::error::{AtStep, Error, ReconcileError, Result, Step};
 use crate::gateway::Observed;
 use crate::job::{self, SecretFile, TOKEN_KEY, WorkerJob};
 use crate::pods;
@@ -36,9 +36,16 @@ pub const FINALIZER: &str = "llmops.dev/checkpoint";
 /// What resolving a workload's references gave.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Plan {
-    /// A reference is missing or not ready, or the spec cannot work as it is.
+    /// A reference is missing or not ready: requeue, it may change.
     Wait {
         /// CamelCase reason, e.g. WaitingForDataset.
+        reason: String,
+        /// For a person.
+        message: String,
+    },
+    /// The spec can never work as it is: Failed and Stalled until it changes.
+    Invalid {
+        /// CamelCase reason, e.g. UnsupportedJudge.
         reason: String,
         /// For a person.
         message: String,
@@ -58,6 +65,23 @@ impl Plan {
     /// A Wait plan.
     pub fn wait(reason: &str, message: impl Into<String>) -> Self {
         Plan::Wait { reason: reason.into(), message: message.into() }
+    }
+
+    /// An Invalid plan.
+    pub fn invalid(reason: &str, message: impl Into<String>) -> Self {
+        Plan::Invalid { reason: reason.into(), message: message.into() }
+    }
+}
+
+impl From<crate::assignment::BuildError> for Plan {
+    /// A builder's refusal: waiting when it waits for another object, otherwise a spec
+    /// that cannot work.
+    fn from(e: crate::assignment::BuildError) -> Self {
+        if e.reason.starts_with("WaitingFor") {
+            Plan::wait(e.reason, e.message)
+        } else {
+            Plan::invalid(e.reason, e.message)
+        }
     }
 }
 
@@ -144,27 +168,27 @@ pub trait BatchKind:
 }
 
 /// Reconciles one batch object, counting metrics and reporting errors as events.
-pub async fn reconcile<K: BatchKind>(obj: std::sync::Arc<K>, ctx: std::sync::Arc<Context>) -> Result<Action> {
-    let kind = K::kind(&()).into_owned();
-    let _timer = ctx.metrics.reconcile_started(&kind);
-    let result = match WorkloadKey::of(&*obj) {
-        Ok(key) => reconcile_inner(&*obj, &ctx, &key).await,
-        Err(e) => Err(e),
-    };
-    if let Err(e) = &result {
-        ctx.metrics.reconcile_failed(&kind, e.category());
-        tracing::warn!(kind, name = %obj.name_any(), namespace = ?obj.namespace(), category = e.category(), error = %e, "reconcile failed");
-        ctx.event(&*obj, true, e.category(), e.to_string()).await;
-    }
-    result
+pub async fn reconcile<K: BatchKind>(
+    obj: std::sync::Arc<K>,
+    ctx: std::sync::Arc<Context>,
+) -> std::result::Result<Action, ReconcileError> {
+    super::instrumented(&*obj, &ctx, async {
+        let key = WorkloadKey::of(&*obj).at(Step::Dereference)?;
+        reconcile_inner(&*obj, &ctx, &key).await
+    })
+    .await
 }
 
 /// How a failed reconcile is retried.
-pub fn error_policy<K>(_obj: std::sync::Arc<K>, _error: &Error, _ctx: std::sync::Arc<Context>) -> Action {
+pub fn error_policy<K>(_obj: std::sync::Arc<K>, _error: &ReconcileError, _ctx: std::sync::Arc<Context>) -> Action {
     Action::requeue(Duration::from_secs(5))
 }
 
-async fn reconcile_inner<K: BatchKind>(obj: &K, ctx: &Context, key: &WorkloadKey) -> Result<Action> {
+async fn reconcile_inner<K: BatchKind>(
+    obj: &K,
+    ctx: &Context,
+    key: &WorkloadKey,
+) -> std::result::Result<Action, ReconcileError> {
     let api: Api<K> = Api::namespaced(ctx.client.clone(), &key.namespace);
     let generation = obj.meta().generation;
     let old_status = obj.status_ref().cloned().unwrap_or_default();
@@ -178,25 +202,27 @@ async fn reconcile_inner<K: BatchKind>(obj: &K, ctx: &Context, key: &WorkloadKey
             if !stop_worker(ctx, key).await {
                 return Ok(Action::requeue(Duration::from_secs(2)));
             }
-            remove_finalizer(&api, obj).await?;
+            remove_finalizer(&api, obj).await.at(Step::Apply)?;
         }
         ctx.gateway.forget(&key.uid);
         return Ok(Action::await_change());
     }
     if K::CHECKPOINT_ON_STOP && !old.finished() && !has_finalizer(obj) {
-        add_finalizer(&api, obj).await?;
+        add_finalizer(&api, obj).await.at(Step::Apply)?;
     }
 
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &key.namespace);
-    let pinned = match read_pinned(&secrets, &secret_name).await? {
+    let pinned = match read_pinned(&secrets, &secret_name).await.at(Step::Dereference)? {
         Some(p) => p,
-        None if old.finished() => return Ok(Action::await_change()),
-        None => match obj.plan(ctx, key).await? {
+        // Finished without inputs pinned means an invalid spec: only a new generation
+        // can change that.
+        None if old.finished() && old.common.observed_generation == generation => return Ok(Action::await_change()),
+        None => match obj.plan(ctx, key).await.at(Step::Dereference)? {
             Plan::Wait { reason, message } => {
                 let state = status::waiting(&old, &reason, &message, generation, &now);
                 let mut new_status = old_status.clone();
                 K::set_batch(&mut new_status, state);
-                write_status(ctx, &api, key, &old_status, &new_status).await?;
+                write_status(ctx, &api, key, &old_status, &new_status).await.at(Step::UpdateStatus)?;
                 let old_reason = conditions::get(&old.common.conditions, READY).map(|c| c.reason.as_str());
                 if old_reason != Some(reason.as_str()) {
                     tracing::info!(workload = %key, %reason, %message, "waiting");
@@ -204,21 +230,35 @@ async fn reconcile_inner<K: BatchKind>(obj: &K, ctx: &Context, key: &WorkloadKey
                 }
                 return Ok(Action::requeue(Duration::from_secs(30)));
             }
+            Plan::Invalid { reason, message } => {
+                let state = status::invalid(&old, &reason, &message, generation, &now);
+                let mut new_status = old_status.clone();
+                K::set_batch(&mut new_status, state);
+                write_status(ctx, &api, key, &old_status, &new_status).await.at(Step::UpdateStatus)?;
+                let old_reason = conditions::get(&old.common.conditions, READY).map(|c| c.reason.as_str());
+                if old_reason != Some(reason.as_str()) {
+                    tracing::warn!(workload = %key, %reason, %message, "the spec cannot work");
+                    ctx.event(obj, true, &reason, message).await;
+                }
+                return Ok(Action::await_change());
+            }
             Plan::Run { assignment, lineage, secret_files } => {
                 let pinned = Pinned {
-                    token: crate::gateway::tokens::generate().map_err(|e| Error::Random(e.to_string()))?,
+                    token: crate::gateway::tokens::generate()
+                        .map_err(|e| Error::Random(e.to_string()))
+                        .at(Step::Build)?,
                     assignment: *assignment,
                     lineage,
                     secret_files,
                 };
-                create_pinned(&secrets, obj, key, &secret_name, pinned).await?
+                create_pinned(&secrets, obj, key, &secret_name, pinned).await.at(Step::Apply)?
             }
         },
     };
     ctx.gateway.register(key, &pinned.token, pinned.assignment.clone());
 
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &key.namespace);
-    let mut job = jobs.get_opt(&job_name).await?;
+    let mut job = jobs.get_opt(&job_name).await.at(Step::Dereference)?;
     let desired_suspend = obj.suspend();
     let mut soon = false;
     match &job {
@@ -232,12 +272,12 @@ async fn reconcile_inner<K: BatchKind>(obj: &K, ctx: &Context, key: &WorkloadKey
                     resources: obj.resources(),
                     backoff_limit: obj.backoff_limit(),
                     suspend: desired_suspend,
-                    owner: owner_reference(obj)?,
+                    owner: owner_reference(obj).at(Step::Build)?,
                     secret_files: pinned.secret_files.clone(),
                 },
             );
             let params = PatchParams::apply(FIELD_MANAGER).force();
-            job = Some(jobs.patch(&job_name, &params, &Patch::Apply(&built)).await?);
+            job = Some(jobs.patch(&job_name, &params, &Patch::Apply(&built)).await.at(Step::Apply)?);
             tracing::info!(workload = %key, job = %job_name, "job applied");
         }
         None => {}
@@ -245,19 +285,19 @@ async fn reconcile_inner<K: BatchKind>(obj: &K, ctx: &Context, key: &WorkloadKey
             let current = j.spec.as_ref().and_then(|s| s.suspend).unwrap_or(false);
             if desired_suspend && !current && !old.finished() {
                 if !K::CHECKPOINT_ON_STOP || stop_worker(ctx, key).await {
-                    job = Some(patch_suspend(&jobs, &job_name, true).await?);
+                    job = Some(patch_suspend(&jobs, &job_name, true).await.at(Step::Apply)?);
                 } else {
                     soon = true;
                 }
             } else if !desired_suspend && current {
-                job = Some(patch_suspend(&jobs, &job_name, false).await?);
+                job = Some(patch_suspend(&jobs, &job_name, false).await.at(Step::Apply)?);
                 crate::lock(&ctx.stop_requests).remove(&key.uid);
             }
         }
     }
 
     let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &key.namespace);
-    let pod_list = pods_api.list(&ListParams::default().labels(&key.selector())).await?.items;
+    let pod_list = pods_api.list(&ListParams::default().labels(&key.selector())).await.at(Step::Dereference)?.items;
     let newest = pods::newest(&pod_list);
     let observation = Observation {
         job: job.as_ref().map(job_view),
@@ -270,7 +310,7 @@ async fn reconcile_inner<K: BatchKind>(obj: &K, ctx: &Context, key: &WorkloadKey
     let mut new_status = old_status.clone();
     K::set_batch(&mut new_status, state.clone());
     obj.figures(&mut new_status, observation.gateway.as_ref(), &pinned, key);
-    write_status(ctx, &api, key, &old_status, &new_status).await?;
+    write_status(ctx, &api, key, &old_status, &new_status).await.at(Step::UpdateStatus)?;
     if let Some(g) = &observation.gateway {
         ctx.gateway.persisted(&key.uid, g.terminal_version);
     }

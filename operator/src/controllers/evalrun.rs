@@ -7,16 +7,17 @@
 use std::collections::BTreeMap;
 
 use kube::Api;
-use llmops_crds::condition_types::{PASSED, READY, SUCCEEDED};
+use llmops_crds::condition_types::{PASSED, SUCCEEDED};
 use llmops_crds::evalrun::{
     BaselineComparison, EvalRunSpec, EvaluatedTarget, MetricResult, SampleResult, ThresholdResult,
 };
-use llmops_crds::{EvalRun, EvalRunStatus, Lineage, LineageInput, ModelDeployment, PromptVersion, Resources};
+use llmops_crds::{EvalRun, EvalRunStatus, Lineage, LineageInput, Resources};
 use llmops_proto::v1;
 use serde::Deserialize;
 
 use super::batch::{BatchKind, Pinned, Plan, batch_accessors};
-use super::{finished_job, resolve_dataset, resolve_model, spec_hash};
+use super::deployment;
+use super::{finished_job, resolve_dataset, resolve_model, resolve_prompt, spec_hash};
 use crate::assignment::{self, ResolvedTarget, api_key_key};
 use crate::conditions;
 use crate::context::Context;
@@ -74,33 +75,21 @@ impl BatchKind for EvalRun {
                         Some(v1::Artifact { uri: artifact.uri, sha256: artifact.sha256 })
                     }
                     (None, None) => {
-                        return Ok(Plan::wait("InvalidAdapter", "the adapter sets neither uri nor fineTuneJob"));
+                        return Ok(Plan::invalid("InvalidAdapter", "the adapter sets neither uri nor fineTuneJob"));
                     }
                 },
             };
             ResolvedTarget::Local { model, adapter }
         } else if let Some(name) = &t.model_deployment {
-            let api: Api<ModelDeployment> = Api::namespaced(ctx.client.clone(), ns);
-            let Some(md) = api.get_opt(name).await? else {
-                return Ok(Plan::wait(
-                    "ModelDeploymentNotFound",
-                    format!("ModelDeployment {name} does not exist in namespace {ns}"),
-                ));
-            };
-            let status = md.status.clone().unwrap_or_default();
-            let (Some(url), true) = (status.endpoint.clone(), conditions::is_true(&status.common.conditions, READY))
-            else {
-                return Ok(Plan::wait(
-                    "WaitingForModelDeployment",
-                    format!("waiting for ModelDeployment {name} to be Ready"),
-                ));
-            };
-            ResolvedTarget::Endpoint {
-                url,
-                model: name.clone(),
-                api_key_file: String::new(),
-                revision: status.serving_revision.unwrap_or_default(),
-            }
+            let served = ready_or_wait!(deployment::resolve_endpoint(ctx, ns, name).await?);
+            lineage.inputs.push(LineageInput {
+                kind: "ModelDeployment".into(),
+                name: name.clone(),
+                sha256: served.model_digest.clone(),
+            });
+            let api_key_file = served.api_key.as_ref().map(SecretFile::path).unwrap_or_default();
+            secret_files.extend(served.api_key.clone());
+            ResolvedTarget::Endpoint { url: served.url, model: name.clone(), api_key_file, revision: served.revision }
         } else if let Some(e) = &t.endpoint {
             let api_key_file = match &e.api_key_secret {
                 Some(s) => {
@@ -118,13 +107,26 @@ impl BatchKind for EvalRun {
                 revision: String::new(),
             }
         } else {
-            return Ok(Plan::wait("InvalidTarget", "the target sets none of model, modelDeployment or endpoint"));
+            return Ok(Plan::invalid("InvalidTarget", "the target sets none of model, modelDeployment or endpoint"));
         };
         if let Some(j) =
             spec.evaluation.judge.as_ref().and_then(|j| j.endpoint.as_ref()).and_then(|e| e.api_key_secret.as_ref())
         {
             secret_files.push(SecretFile { secret: j.name.clone(), key: api_key_key(j) });
         }
+        let judge = match spec.evaluation.judge.as_ref().and_then(|j| j.model_deployment.as_ref()) {
+            None => None,
+            Some(name) => {
+                let served = ready_or_wait!(deployment::resolve_endpoint(ctx, ns, name).await?);
+                let api_key_file = served.api_key.as_ref().map(SecretFile::path).unwrap_or_default();
+                if let Some(file) = &served.api_key
+                    && !secret_files.contains(file)
+                {
+                    secret_files.push(file.clone());
+                }
+                Some(v1::EndpointTarget { url: served.url, model: name.clone(), api_key_file })
+            }
+        };
 
         let dataset = ready_or_wait!(resolve_dataset(ctx, ns, &spec.evaluation.dataset.name).await?);
         lineage.inputs.push(LineageInput {
@@ -137,27 +139,9 @@ impl BatchKind for EvalRun {
         let prompt = match &spec.evaluation.prompt {
             None => None,
             Some(r) => {
-                let api: Api<PromptVersion> = Api::namespaced(ctx.client.clone(), ns);
-                let Some(pv) = api.get_opt(&r.name).await? else {
-                    return Ok(Plan::wait(
-                        "PromptVersionNotFound",
-                        format!("PromptVersion {} does not exist in namespace {ns}", r.name),
-                    ));
-                };
-                let status = pv.status.clone().unwrap_or_default();
-                let (Some(digest), true) = (status.digest, conditions::is_true(&status.common.conditions, READY))
-                else {
-                    return Ok(Plan::wait(
-                        "WaitingForPromptVersion",
-                        format!("waiting for PromptVersion {} to be Ready", r.name),
-                    ));
-                };
-                lineage.inputs.push(LineageInput {
-                    kind: "PromptVersion".into(),
-                    name: r.name.clone(),
-                    sha256: digest.clone(),
-                });
-                Some(assignment::prompt(&r.name, &pv.spec, &digest))
+                let (prompt, input) = ready_or_wait!(resolve_prompt(ctx, ns, &r.name).await?);
+                lineage.inputs.push(input);
+                Some(prompt)
             }
         };
 
@@ -182,10 +166,17 @@ impl BatchKind for EvalRun {
             }
         };
 
-        Ok(match assignment::eval(key, &ctx.config.store, spec, &target, data, prompt, baseline) {
-            Ok(a) => Plan::Run { assignment: Box::new(a), lineage: Some(lineage), secret_files },
-            Err(e) => Plan::wait(e.reason, e.message),
-        })
+        Ok(
+            match assignment::eval(
+                key,
+                &ctx.config.store,
+                spec,
+                assignment::EvalInputs { target, data, prompt, baseline_metrics: baseline, judge_deployment: judge },
+            ) {
+                Ok(a) => Plan::Run { assignment: Box::new(a), lineage: Some(lineage), secret_files },
+                Err(e) => e.into(),
+            },
+        )
     }
 
     fn figures(&self, s: &mut EvalRunStatus, observed: Option<&Observed>, _pinned: &Pinned, _key: &WorkloadKey) {

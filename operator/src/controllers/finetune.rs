@@ -47,7 +47,7 @@ impl BatchKind for FineTuneJob {
         };
         Ok(match assignment::finetune(key, &ctx.config.store, &self.spec, model, &dataset) {
             Ok(a) => Plan::Run { assignment: Box::new(a), lineage: Some(lineage), secret_files: Vec::new() },
-            Err(e) => Plan::wait(e.reason, e.message),
+            Err(e) => e.into(),
         })
     }
 

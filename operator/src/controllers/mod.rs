@@ -5,6 +5,7 @@
 
 pub mod batch;
 pub mod dataset;
+pub mod deployment;
 pub mod evalrun;
 pub mod finetune;
 pub mod prompt;
@@ -14,13 +15,13 @@ use std::sync::Arc;
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
-use kube::runtime::controller::Controller;
+use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 use llmops_crds::condition_types::{FAILED, READY, SUCCEEDED};
 use llmops_crds::finetune::FineTuneMethod;
-use llmops_crds::{Dataset, EvalRun, FineTuneJob, LineageInput, ModelSource, PromptVersion};
+use llmops_crds::{Dataset, EvalRun, FineTuneJob, LineageInput, ModelDeployment, ModelSource, PromptVersion};
 use llmops_proto::v1;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -29,9 +30,28 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use crate::assignment::{ResolvedDataset, model_from_uri};
 use crate::conditions;
 use crate::context::Context;
-use crate::error::Result;
+use crate::error::{ReconcileError, Result};
 use crate::workload::{MANAGED_BY, WORKLOAD_ANNOTATION, WorkloadKey};
 use batch::Plan;
+
+/// Runs one reconcile of `obj` with its duration measured, and a failure counted by step
+/// and category, logged, and published as an event whose reason names the step.
+pub async fn instrumented<K, F>(obj: &K, ctx: &Context, reconcile: F) -> std::result::Result<Action, ReconcileError>
+where
+    K: kube::Resource<DynamicType = ()>,
+    F: std::future::Future<Output = std::result::Result<Action, ReconcileError>>,
+{
+    let kind = K::kind(&()).into_owned();
+    let _timer = ctx.metrics.reconcile_started(&kind);
+    let result = reconcile.await;
+    if let Err(e) = &result {
+        let reason = e.reason();
+        ctx.metrics.reconcile_failed(&kind, e);
+        tracing::warn!(kind, name = %obj.name_any(), namespace = ?obj.namespace(), %reason, error = %e, "reconcile failed");
+        ctx.event(obj, true, &reason, e.to_string()).await;
+    }
+    result
+}
 
 /// sha256 of a spec's JSON form.
 pub fn spec_hash<T: Serialize>(spec: &T) -> String {
@@ -50,7 +70,7 @@ pub async fn resolve_model(
         return Ok(Ok((model_from_uri(source, uri), lineage)));
     }
     let Some(name) = &source.fine_tune_job else {
-        return Ok(Err(Plan::wait("InvalidModelSource", "the model sets neither uri nor fineTuneJob")));
+        return Ok(Err(Plan::invalid("InvalidModelSource", "the model sets neither uri nor fineTuneJob")));
     };
     let job = match finished_job(ctx, namespace, name).await? {
         Ok(job) => job,
@@ -102,6 +122,28 @@ pub async fn finished_job(
         return Ok(Err(Plan::wait("WaitingForFineTuneJob", format!("waiting for FineTuneJob {name} to succeed"))));
     }
     Ok(Ok(job))
+}
+
+/// A PromptVersion that is Ready, as the protocol's Prompt with its lineage, or what to
+/// wait for.
+pub async fn resolve_prompt(
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+) -> Result<std::result::Result<(v1::Prompt, LineageInput), Plan>> {
+    let api: Api<PromptVersion> = Api::namespaced(ctx.client.clone(), namespace);
+    let Some(pv) = api.get_opt(name).await? else {
+        return Ok(Err(Plan::wait(
+            "PromptVersionNotFound",
+            format!("PromptVersion {name} does not exist in namespace {namespace}"),
+        )));
+    };
+    let status = pv.status.clone().unwrap_or_default();
+    let (Some(digest), true) = (status.digest, conditions::is_true(&status.common.conditions, READY)) else {
+        return Ok(Err(Plan::wait("WaitingForPromptVersion", format!("waiting for PromptVersion {name} to be Ready"))));
+    };
+    let input = LineageInput { kind: "PromptVersion".into(), name: name.to_string(), sha256: digest.clone() };
+    Ok(Ok((crate::assignment::prompt(name, &pv.spec, &digest), input)))
 }
 
 /// A Dataset that is Ready, or what to wait for.
@@ -223,7 +265,8 @@ pub async fn run(ctx: Arc<Context>) {
     for api in apis::<EvalRun>(&ctx) {
         let (jobs, pods) = scoped(&ctx, &api);
         let c = Controller::new(api.clone(), watcher::Config::default());
-        let (s1, s2, s3) = (c.store(), c.store(), c.store());
+        let (s1, s2, s3, s4) = (c.store(), c.store(), c.store(), c.store());
+        let deployments: Api<ModelDeployment> = same_scope(&ctx, &api);
         let datasets: Api<Dataset> = same_scope(&ctx, &api);
         let tunes: Api<FineTuneJob> = same_scope(&ctx, &api);
         let prompts: Api<PromptVersion> = same_scope(&ctx, &api);
@@ -241,10 +284,52 @@ pub async fn run(ctx: Arc<Context>) {
                 referencing(&s3, p.namespace(), |e| {
                     e.spec.evaluation.prompt.as_ref().is_some_and(|r| r.name == p.name_any())
                 })
+            })
+            .watches(deployments, watcher::Config::default(), move |m: ModelDeployment| {
+                let name = m.name_any();
+                referencing(&s4, m.namespace(), |e| {
+                    e.spec.target.model_deployment.as_deref() == Some(name.as_str())
+                        || e.spec.evaluation.judge.as_ref().and_then(|j| j.model_deployment.as_deref())
+                            == Some(name.as_str())
+                })
             });
         c = c.reconcile_on(trigger_stream::<EvalRun>(&ctx, "EvalRun", api.namespace()));
         let s = c.run(batch::reconcile::<EvalRun>, batch::error_policy, ctx.clone());
         tasks.spawn(drain(s, "EvalRun"));
+    }
+    for api in apis::<ModelDeployment>(&ctx) {
+        let c = Controller::new(api.clone(), watcher::Config::default());
+        let (s1, s2) = (c.store(), c.store());
+        let deployments: Api<k8s_openapi::api::apps::v1::Deployment> = same_scope(&ctx, &api);
+        let runs: Api<EvalRun> = same_scope(&ctx, &api);
+        let pods: Api<Pod> = same_scope(&ctx, &api);
+        let slices: Api<k8s_openapi::api::discovery::v1::EndpointSlice> = same_scope(&ctx, &api);
+        let tunes: Api<FineTuneJob> = same_scope(&ctx, &api);
+        let prompts: Api<PromptVersion> = same_scope(&ctx, &api);
+        let gates = watcher::Config::default().labels(&format!("{}=ModelDeploymentGate", crate::workload::KIND_LABEL));
+        let mut c = c
+            .owns(deployments, owned_config("ModelDeployment"))
+            .owns(runs, gates)
+            .watches(pods, owned_config("ModelDeployment"), |p| pod_owner::<ModelDeployment>(&p, "ModelDeployment"))
+            // A Service's EndpointSlices carry its labels: a pod that became an address.
+            .watches(slices, owned_config("ModelDeployment"), |s| {
+                let service = s.labels().get("kubernetes.io/service-name")?.clone();
+                Some(ObjectRef::<ModelDeployment>::new(&service).within(&s.namespace()?))
+            })
+            .watches(tunes, watcher::Config::default(), move |f: FineTuneJob| {
+                let name = f.name_any();
+                referencing(&s1, f.namespace(), |m| {
+                    m.spec.model.fine_tune_job.as_deref() == Some(name.as_str())
+                        || m.spec.adapters.iter().any(|a| a.source.fine_tune_job.as_deref() == Some(name.as_str()))
+                })
+            })
+            .watches(prompts, watcher::Config::default(), move |p: PromptVersion| {
+                let name = p.name_any();
+                referencing(&s2, p.namespace(), |m| m.spec.prompt.as_ref().is_some_and(|r| r.name == name))
+            });
+        c = c.reconcile_on(trigger_stream::<ModelDeployment>(&ctx, "ModelDeployment", api.namespace()));
+        let s = c.run(deployment::reconcile, deployment::error_policy, ctx.clone());
+        tasks.spawn(drain(s, "ModelDeployment"));
     }
     for api in apis::<PromptVersion>(&ctx) {
         let cms: Api<k8s_openapi::api::core::v1::ConfigMap> = same_scope(&ctx, &api);

@@ -9,16 +9,16 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::Api;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::{Api, ResourceExt};
 use llmops_crds::condition_types::READY;
 use llmops_crds::render::{PromptError, RenderedPrompt};
 use llmops_crds::{PromptVersion, PromptVersionSpec, PromptVersionStatus};
 
-use crate::conditions;
+use crate::conditions::{self, Health};
 use crate::context::Context;
-use crate::error::{Error, Result};
+use crate::error::{AtStep, ReconcileError, Result, Step};
 use crate::workload::{FIELD_MANAGER, WorkloadKey, owner_reference};
 
 /// The condition reason of a prompt error.
@@ -71,24 +71,17 @@ pub fn build_config_map(
 }
 
 /// Reconciles one PromptVersion.
-pub async fn reconcile(pv: Arc<PromptVersion>, ctx: Arc<Context>) -> Result<Action> {
-    let _timer = ctx.metrics.reconcile_started("PromptVersion");
-    let result = reconcile_inner(&pv, &ctx).await;
-    if let Err(e) = &result {
-        ctx.metrics.reconcile_failed("PromptVersion", e.category());
-        tracing::warn!(name = %pv.name_any(), category = e.category(), error = %e, "reconcile failed");
-        ctx.event(&*pv, true, e.category(), e.to_string()).await;
-    }
-    result
+pub async fn reconcile(pv: Arc<PromptVersion>, ctx: Arc<Context>) -> std::result::Result<Action, ReconcileError> {
+    super::instrumented(&*pv, &ctx, reconcile_inner(&pv, &ctx)).await
 }
 
 /// How a failed reconcile is retried.
-pub fn error_policy(_pv: Arc<PromptVersion>, _error: &Error, _ctx: Arc<Context>) -> Action {
+pub fn error_policy(_pv: Arc<PromptVersion>, _error: &ReconcileError, _ctx: Arc<Context>) -> Action {
     Action::requeue(Duration::from_secs(5))
 }
 
-async fn reconcile_inner(pv: &PromptVersion, ctx: &Context) -> Result<Action> {
-    let key = WorkloadKey::of(pv)?;
+async fn reconcile_inner(pv: &PromptVersion, ctx: &Context) -> std::result::Result<Action, ReconcileError> {
+    let key = WorkloadKey::of(pv).at(Step::Dereference)?;
     let api: Api<PromptVersion> = Api::namespaced(ctx.client.clone(), &key.namespace);
     let old = pv.status.clone().unwrap_or_default();
     let mut status = old.clone();
@@ -99,28 +92,35 @@ async fn reconcile_inner(pv: &PromptVersion, ctx: &Context) -> Result<Action> {
     status.digest = Some(digest.clone());
     match validate(&pv.spec) {
         Ok(examples) => {
-            let cm = build_config_map(pv, &key, &digest, &examples)?;
+            let cm = build_config_map(pv, &key, &digest, &examples).at(Step::Build)?;
             let name = cm.metadata.name.clone().unwrap_or_default();
             let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &key.namespace);
-            cms.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&cm)).await?;
+            cms.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&cm)).await.at(Step::Apply)?;
             status.config_map = Some(name);
             status.examples_rendered = Some(examples.len() as i32);
             let message = format!("rendered {} example(s); digest {digest}", examples.len());
-            conditions::set(&mut status.common.conditions, READY, true, "Valid", message, generation, &now);
+            let c = &mut status.common.conditions;
+            conditions::set(c, READY, true, "Valid", message.clone(), generation, &now);
+            conditions::set_health(c, Health::Settled, "Valid", &message, generation, &now);
             status.common.phase = Some("Ready".into());
         }
         Err(e) => {
             let reason = reason(&e);
             status.examples_rendered = None;
             let was = conditions::get(&old.common.conditions, READY).map(|c| c.reason.clone());
-            conditions::set(&mut status.common.conditions, READY, false, reason, e.to_string(), generation, &now);
+            let c = &mut status.common.conditions;
+            conditions::set(c, READY, false, reason, e.to_string(), generation, &now);
+            // The spec is immutable: nothing but a new object fixes it.
+            conditions::set_health(c, Health::Stalled, reason, &e.to_string(), generation, &now);
             status.common.phase = Some("Invalid".into());
             if was.as_deref() != Some(reason) {
                 ctx.event(pv, true, reason, e.to_string()).await;
             }
         }
     }
-    super::batch::write_status::<PromptVersion, PromptVersionStatus>(ctx, &api, &key, &old, &status).await?;
+    super::batch::write_status::<PromptVersion, PromptVersionStatus>(ctx, &api, &key, &old, &status)
+        .await
+        .at(Step::UpdateStatus)?;
     Ok(Action::requeue(Duration::from_secs(600)))
 }
 

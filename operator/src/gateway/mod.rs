@@ -67,6 +67,8 @@ pub struct Observed {
     pub phase: Option<(String, String)>,
     /// Latest progress.
     pub progress: Option<v1::Progress>,
+    /// Latest progress of each pod (serving pods report their live figures this way).
+    pub progress_by_pod: std::collections::BTreeMap<String, v1::Progress>,
     /// Latest checkpoint written.
     pub checkpoint: Option<v1::CheckpointWritten>,
     /// The result, once reported.
@@ -193,6 +195,13 @@ impl Gateway {
         lock(&self.registrations).contains_key(uid)
     }
 
+    /// Keeps the per-pod reports of `pods` only (the serving pods that are still ready).
+    pub fn retain_pods(&self, uid: &str, pods: &[String]) {
+        if let Some(w) = lock(&self.workloads).get_mut(uid) {
+            w.observed.progress_by_pod.retain(|p, _| pods.contains(p));
+        }
+    }
+
     /// Forgets a workload: its token stops working and its records go.
     pub fn forget(&self, uid: &str) {
         lock(&self.tokens).remove(uid);
@@ -308,7 +317,10 @@ impl Gateway {
         o.pod = Some(pod.to_string());
         match event {
             Event::Phase(p) => o.phase = Some((p.phase.clone(), p.message.clone())),
-            Event::Progress(p) => o.progress = Some(p.clone()),
+            Event::Progress(p) => {
+                o.progress = Some(p.clone());
+                o.progress_by_pod.insert(pod.to_string(), p.clone());
+            }
             Event::Checkpoint(c) => o.checkpoint = Some(c.clone()),
             Event::Result(r) => {
                 o.result = Some(ResultRecord {

@@ -251,6 +251,15 @@ fn format(spec: &PromptVersionSpec, row: &Map<String, Value>, own: &Input) -> Re
         }
     }
     match spec.render(&values).map_err(|e| format!("formatting with the prompt: {e}"))? {
+        // A prompt without a user turn (a deployment's system prompt) sets the scene; the
+        // sample's own turns follow it, as they follow it when the deployment serves.
+        RenderedPrompt::Messages(mut messages) if !messages.iter().any(|m| m.role == "user") => {
+            match own {
+                Input::Chat(turns) => messages.extend(turns.iter().filter(|m| m.role != "system").cloned()),
+                Input::Text(text) => messages.push(ChatMessage { role: "user".into(), content: text.clone() }),
+            }
+            Ok(Input::Chat(messages))
+        }
         RenderedPrompt::Messages(messages) => Ok(Input::Chat(messages)),
         RenderedPrompt::Text(text) => Ok(Input::Text(text)),
     }
@@ -326,5 +335,24 @@ mod tests {
         assert_eq!(s.expected.as_deref(), Some("Paris"));
         let bad = Prompt { template: "{{ missing }}".into(), ..Default::default() };
         assert!(prompt_spec(&bad).is_err(), "an undeclared variable is refused");
+    }
+
+    #[test]
+    fn a_system_only_prompt_keeps_the_samples_own_turn() {
+        let prompt = Prompt {
+            name: "system".into(),
+            messages: vec![llmops_proto::v1::ChatMessage { role: "system".into(), content: "Be brief.".into() }],
+            ..Default::default()
+        };
+        let spec = prompt_spec(&prompt).expect("valid prompt");
+        let s = sample(0, &row(json!({"prompt": "Capital of France?", "completion": "Paris"})), Some(&spec))
+            .expect("formats");
+        assert_eq!(
+            s.input,
+            Input::Chat(vec![
+                ChatMessage { role: "system".into(), content: "Be brief.".into() },
+                ChatMessage { role: "user".into(), content: "Capital of France?".into() },
+            ])
+        );
     }
 }
