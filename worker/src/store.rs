@@ -26,12 +26,50 @@ pub fn local_path(uri: &str, store: Option<&Store>) -> Result<PathBuf> {
         };
     }
     if let Some(path) = uri.strip_prefix("file://") {
-        return Ok(PathBuf::from(path));
+        return Ok(mapped(path));
     }
     if let Some((scheme, _)) = uri.split_once("://") {
         bail!("{uri}: {scheme}:// artifacts must be staged into local files first (the agent does this in a pod)");
     }
-    Ok(PathBuf::from(uri))
+    Ok(mapped(uri))
+}
+
+/// Environment variable with the mount paths of a pod run as a plain process (the
+/// development node agent sets it): a JSON object from each volume's mount path to
+/// the directory where that volume was materialised. Absent in a real container.
+pub const PATH_MAP_ENV: &str = "LLMOPS_PATH_MAP";
+
+fn path_map() -> &'static Vec<(String, PathBuf)> {
+    static MAP: std::sync::OnceLock<Vec<(String, PathBuf)>> = std::sync::OnceLock::new();
+    MAP.get_or_init(|| {
+        let text = std::env::var(PATH_MAP_ENV).unwrap_or_default();
+        let map: std::collections::BTreeMap<String, String> = serde_json::from_str(&text).unwrap_or_default();
+        let mut entries: Vec<(String, PathBuf)> = map
+            .into_iter()
+            .filter(|(mount, _)| mount.starts_with('/') && mount.len() > 1)
+            .map(|(mount, local)| (mount.trim_end_matches('/').to_string(), PathBuf::from(local)))
+            .collect();
+        // Longest mount first, so /a/b wins over /a.
+        entries.sort_by_key(|(m, _)| std::cmp::Reverse(m.len()));
+        entries
+    })
+}
+
+/// A path inside the pod, where this process finds it.
+fn mapped(path: &str) -> PathBuf {
+    map_path(path, path_map())
+}
+
+fn map_path(path: &str, map: &[(String, PathBuf)]) -> PathBuf {
+    for (mount, local) in map {
+        if path == mount {
+            return local.clone();
+        }
+        if let Some(rest) = path.strip_prefix(mount.as_str()).and_then(|r| r.strip_prefix('/')) {
+            return local.join(rest);
+        }
+    }
+    PathBuf::from(path)
 }
 
 /// Whether `uri` names a remote object that must be downloaded before reading.
@@ -149,6 +187,19 @@ pub fn file_sha256(path: &std::path::Path) -> Result<String> {
 mod tests {
     use super::*;
     use llmops_proto::v1::LocalStore;
+
+    #[test]
+    fn mount_paths_map_to_where_the_volume_is() {
+        let map = vec![
+            ("/var/run/secrets/llmops-api-keys".to_string(), PathBuf::from("/tmp/pod/v/keys")),
+            ("/var/run".to_string(), PathBuf::from("/tmp/pod/v/run")),
+        ];
+        assert_eq!(map_path("/var/run/secrets/llmops-api-keys", &map), PathBuf::from("/tmp/pod/v/keys"));
+        assert_eq!(map_path("/var/run/secrets/llmops-api-keys/k", &map), PathBuf::from("/tmp/pod/v/keys/k"));
+        assert_eq!(map_path("/var/run/x", &map), PathBuf::from("/tmp/pod/v/run/x"));
+        assert_eq!(map_path("/var/running", &map), PathBuf::from("/var/running"), "whole segments only");
+        assert_eq!(map_path("/etc/x", &map), PathBuf::from("/etc/x"));
+    }
 
     #[test]
     fn store_keys_resolve_under_the_root() {

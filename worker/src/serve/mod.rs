@@ -193,34 +193,15 @@ fn open_traffic(traffic: &Traffic, assignment: &Assignment, pod: &str) -> Result
     TrafficLog::open(&local_path(&traffic.uri, assignment.store.as_ref())?, pod, traffic.record)
 }
 
-/// The deployment's prompt as messages, rendered with the declared defaults by the
-/// shared renderer; a `template` prompt becomes the system message.
+/// The deployment's prompt as it serves: its system messages, rendered with the declared
+/// defaults by the shared renderer (a `template` prompt is one system message). Its
+/// other messages format samples for evaluations.
 fn prompt_messages(config: &ServeAssignment) -> Result<Vec<ChatMessage>> {
     let Some(prompt) = &config.prompt else { return Ok(Vec::new()) };
-    let env = llmops_crds::render::environment();
-    let mut context = BTreeMap::new();
-    for v in &prompt.variables {
-        let Some(default) = &v.default else {
-            bail!(
-                "prompt {}: variable {:?} has no default; a served prompt needs a default for every variable",
-                prompt.name,
-                v.name
-            );
-        };
-        context.insert(v.name.clone(), default.clone());
-    }
-    let render = |source: &str, at: &str| -> Result<String> {
-        env.render_str(source, &context).with_context(|| format!("prompt {}: rendering {at}", prompt.name))
-    };
-    if !prompt.template.is_empty() {
-        return Ok(vec![ChatMessage { role: "system".into(), content: render(&prompt.template, "template")? }]);
-    }
-    prompt
-        .messages
-        .iter()
-        .enumerate()
-        .map(|(i, m)| Ok(ChatMessage { role: m.role.clone(), content: render(&m.content, &format!("messages[{i}]"))? }))
-        .collect()
+    let spec = crate::eval::samples::prompt_spec(prompt)?;
+    spec.served_messages().with_context(|| {
+        format!("prompt {}: a served prompt needs a default for every variable its system messages use", prompt.name)
+    })
 }
 
 async fn serve(assignment: Assignment, config: ServeAssignment, options: Options) -> Result<()> {
