@@ -11,6 +11,31 @@
 //! hostPath is its own path); because the process cannot see the container's mount
 //! paths, an env value, argument or working directory that starts with a mount path is
 //! rewritten to where that volume was materialised. Any other volume kind fails the pod.
+//!
+//! Long-running (serving) pods get what a kubelet gives them:
+//! - **Mount paths in files.** `LLMOPS_PATH_MAP` ([`PATH_MAP_ENV`]) maps each mount path
+//!   to its local directory, for paths that a mounted Assignment names.
+//! - **Listen address.** Every process has `LLMOPS_LISTEN_HOST` ([`LISTEN_HOST_ENV`]) set
+//!   to its own 127.0.0.x, the pod IP. A server binds there rather than 0.0.0.0, so that
+//!   several serving pods on one machine can use the same port, and others reach it at
+//!   the pod IP as they would in a cluster. (Set before the container's env: the spec
+//!   can override it or refer to it as `$(LLMOPS_LISTEN_HOST)`.)
+//! - **Readiness.** With a `readinessProbe` of `httpGet` (HTTP; port a number or a
+//!   named container port; host the pod IP unless given) or `tcpSocket`, the container
+//!   is unready until the probe succeeds, probed as the kubelet does
+//!   (`initialDelaySeconds`, `periodSeconds` 10, `timeoutSeconds` 1, `successThreshold`
+//!   1, `failureThreshold` 3 by default; an answer from 200 to 399 succeeds). The
+//!   `Ready` and `ContainersReady` conditions and `containerStatuses[].ready` follow,
+//!   patched when readiness changes. Without a probe (or with an exec or gRPC probe,
+//!   which cannot run here and is ignored with a warning) it is ready once started.
+//! - **Restarts.** With `restartPolicy: Always` (or `OnFailure` and a non-zero exit) a
+//!   process that exits is started again in the same pod, with the same address, after
+//!   a back-off of 1 s doubling to 30 s (the kubelet's 10 s to 5 min would stall tests;
+//!   a run of a minute starts it over). Between tries the container is `waiting` with
+//!   reason `CrashLoopBackOff`; `restartCount` counts the restarts and
+//!   `lastState.terminated` holds the previous exit (code, `Error`/`Completed`, the
+//!   tail of that run's log); the phase stays Running. With `Never` (Jobs) the pod ends
+//!   Succeeded or Failed with the process.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -22,6 +47,7 @@ use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Container, Node, Pod, Secret, Volume};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
 use kube::runtime::watcher;
@@ -36,6 +62,12 @@ pub const NODE_LABEL: &str = "llmops.dev/dev-node";
 /// Taint of the dev node (NoSchedule), so that only pods that tolerate it run here for
 /// real and no other test's pod lands on it by chance.
 pub const NODE_TAINT: &str = "llmops.dev/dev-node";
+/// The env variable that tells each process its own 127.0.0.x address, the one to
+/// listen on: serving pods that all bound 0.0.0.0 would collide on their port.
+pub const LISTEN_HOST_ENV: &str = "LLMOPS_LISTEN_HOST";
+/// Env of every process: a JSON object from each volume mount path of the container to
+/// the directory the volume was materialised in (the worker maps Assignment paths with it).
+pub const PATH_MAP_ENV: &str = "LLMOPS_PATH_MAP";
 /// Field manager of what the dev node writes.
 const MANAGER: &str = "llmops-dev-node";
 /// Reason of pods that were running when the previous dev node process went away.
@@ -670,8 +702,158 @@ async fn run_pod(ctx: &Ctx, pod: &Pod, dir: &Path, ip: &str, stop: &mut watch::R
         }
     };
 
+    let policy = pod.spec.as_ref().and_then(|s| s.restart_policy.clone()).unwrap_or_else(|| "Always".into());
     let log_path = dir.join("log");
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+    let mut history = History { pod_started: now(), restarts: 0, last: None };
+    let mut backoff = BACKOFF_START;
+    loop {
+        let run = run_container(ctx, pod, &prepared, &log_path, ip, &history, stop).await?;
+        let stopping = *stop.borrow();
+        let code = run.code;
+        let restart = stopping.is_none()
+            && match policy.as_str() {
+                "Always" => true,
+                "OnFailure" => code != 0,
+                _ => false,
+            };
+        let reason = if code == 0 { "Completed" } else { "Error" };
+        let message = if code == 0 { String::new() } else { log_tail(&log_path, run.log_offset) };
+        if !restart {
+            let phase = if code == 0 { "Succeeded" } else { "Failed" };
+            let mut status =
+                terminal_status(pod, Some((code, &run.started, &run.container_id)), phase, reason, &message);
+            history.annotate(&mut status);
+            if stopping == Some(Stop::Shutdown) {
+                shut_down(&mut status);
+            }
+            report(&ctx.client, pod, status).await;
+            return Ok(());
+        }
+        // Restarted in place, as a kubelet restarts a container: same pod, same address,
+        // the previous exit kept as lastState, after a back-off that grows while it keeps
+        // crashing.
+        history.restarts += 1;
+        history.last = Some(json!({"terminated": {
+            "exitCode": code, "reason": reason, "message": message,
+            "startedAt": run.started, "finishedAt": now(), "containerID": run.container_id,
+        }}));
+        if run.ran_for >= BACKOFF_RESET {
+            backoff = BACKOFF_START;
+        }
+        let waiting = json!({"waiting": {
+            "reason": CRASH_LOOP,
+            "message": format!("back-off {}s restarting failed container={} pod={}_{}({})",
+                backoff.as_secs(), container.name, pod.name_any(), pod.namespace().unwrap_or_default(),
+                pod.uid().unwrap_or_default()),
+        }});
+        tracing::info!(pod = %key, code, restarts = history.restarts, ?backoff, "restarting after a back-off");
+        report(&ctx.client, pod, history.status(&container, ip, None, false, waiting)).await;
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            stopping = async { stop.wait_for(Option::is_some).await.ok().and_then(|s| *s) } => {
+                if stopping == Some(Stop::Shutdown) {
+                    let mut status = json!({"phase": "Failed", "conditions": ready_conditions(false, Some("PodFailed"))});
+                    shut_down(&mut status);
+                    report(&ctx.client, pod, status).await;
+                }
+                return Ok(());
+            }
+        }
+        backoff = (backoff * 2).min(BACKOFF_CAP);
+    }
+}
+
+/// The first back-off before a container is restarted; it doubles up to [`BACKOFF_CAP`].
+/// The kubelet's are 10 s and 5 min; tests cannot wait that long.
+const BACKOFF_START: Duration = Duration::from_secs(1);
+/// The longest back-off.
+const BACKOFF_CAP: Duration = Duration::from_secs(30);
+/// A run at least this long starts the back-off over, as a kubelet forgets old crashes.
+const BACKOFF_RESET: Duration = Duration::from_secs(60);
+/// The waiting reason of a container between restarts.
+pub const CRASH_LOOP: &str = "CrashLoopBackOff";
+
+/// Marks a status as ended by the dev node's own shutdown.
+fn shut_down(status: &mut Value) {
+    status["phase"] = "Failed".into();
+    status["reason"] = "NodeShutdown".into();
+    status["message"] = "the dev node stopped and terminated the pod".into();
+}
+
+/// What a pod's container has been through, carried across restarts.
+struct History {
+    /// The pod's `startTime`: its first start.
+    pod_started: Time,
+    restarts: i32,
+    /// `lastState` of the container status: the previous exit.
+    last: Option<Value>,
+}
+
+impl History {
+    /// The status of a pod whose container is running or waiting to restart (phase
+    /// Running), ready or not.
+    fn status(&self, container: &Container, ip: &str, container_id: Option<&str>, ready: bool, state: Value) -> Value {
+        let started = state.get("running").is_some();
+        let mut status = json!({
+            "name": container.name, "image": container.image.clone().unwrap_or_default(),
+            "imageID": "", "ready": ready, "started": started, "restartCount": self.restarts, "state": state,
+        });
+        if let Some(id) = container_id {
+            status["containerID"] = id.into();
+        }
+        if let Some(last) = &self.last {
+            status["lastState"] = last.clone();
+        }
+        json!({
+            "phase": "Running",
+            "hostIP": "127.0.0.1", "hostIPs": [{"ip": "127.0.0.1"}],
+            "podIP": ip, "podIPs": [{"ip": ip}],
+            "startTime": self.pod_started,
+            "conditions": ready_conditions(ready, (!ready).then_some("ContainersNotReady")),
+            "containerStatuses": [status],
+        })
+    }
+
+    /// Adds the restarts to a terminal status (a pod that never restarted keeps exactly
+    /// the status of a run-once pod).
+    fn annotate(&self, status: &mut Value) {
+        if self.restarts == 0 {
+            return;
+        }
+        if let Some(c) = status.get_mut("containerStatuses").and_then(|c| c.get_mut(0)) {
+            c["restartCount"] = self.restarts.into();
+            if let Some(last) = &self.last {
+                c["lastState"] = last.clone();
+            }
+        }
+    }
+}
+
+/// One run of the container's process, ended.
+struct Ran {
+    code: i32,
+    started: Time,
+    container_id: String,
+    ran_for: Duration,
+    /// Where this run's output starts in the log.
+    log_offset: u64,
+}
+
+/// Starts the process once, reports it Running (Ready at once, or when its readiness
+/// probe says so), and waits until it exits or is stopped.
+async fn run_container(
+    ctx: &Ctx,
+    pod: &Pod,
+    prepared: &Prepared,
+    log_path: &Path,
+    ip: &str,
+    history: &History,
+    stop: &mut watch::Receiver<Option<Stop>>,
+) -> Result<Ran> {
+    let key = pod_key(pod);
+    let container = container_of(pod).context("the pod has no container")?;
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log_path)?;
+    let log_offset = log.metadata()?.len();
     let mut command = std::process::Command::new(&prepared.program);
     command
         .args(&prepared.args)
@@ -687,44 +869,43 @@ async fn run_pod(ctx: &Ctx, pod: &Pod, dir: &Path, ip: &str, stop: &mut watch::R
     let child = command
         .spawn()
         .map_err(|e| pod_error("StartError", format!("cannot start {}: {e}", prepared.program.display())))?;
+    let began = std::time::Instant::now();
     let mut child = Process(child);
     let pid = child.0.id() as i32;
     let container_id = format!("local-process://{pid}");
     let started = now();
     tracing::info!(pod = %key, pid, ip, program = %prepared.program.display(), "started");
-    report(
-        &ctx.client,
-        pod,
-        json!({
-            "phase": "Running",
-            "hostIP": "127.0.0.1", "hostIPs": [{"ip": "127.0.0.1"}],
-            "podIP": ip, "podIPs": [{"ip": ip}],
-            "startTime": started,
-            "conditions": ready_conditions(true, None),
-            "containerStatuses": [{
-                "name": container.name, "image": container.image.clone().unwrap_or_default(),
-                "imageID": "", "containerID": container_id,
-                "ready": true, "started": true, "restartCount": 0,
-                "state": {"running": {"startedAt": started}},
-            }],
-        }),
-    )
-    .await;
+    let mut probe = Readiness::of(container, ip);
+    let mut ready = probe.is_none();
+    let running = || json!({"running": {"startedAt": started}});
+    report(&ctx.client, pod, history.status(container, ip, Some(&container_id), ready, running())).await;
 
-    let exit = tokio::select! {
-        exit = child.wait() => exit?,
-        stopping = async { stop.wait_for(Option::is_some).await.ok().and_then(|s| *s) } => {
-            let grace = match stopping {
-                Some(Stop::Deleted { grace }) => grace,
-                _ => SHUTDOWN_GRACE,
-            };
-            tracing::info!(pod = %key, pid, ?grace, "stopping");
-            child.signal(Signal::SIGTERM);
-            match tokio::time::timeout(grace, child.wait()).await {
-                Ok(exit) => exit?,
-                Err(_) => {
-                    child.signal(Signal::SIGKILL);
-                    child.wait().await?
+    let exit = loop {
+        let next_probe = probe.as_ref().map(|p| p.next);
+        tokio::select! {
+            exit = child.wait() => break exit?,
+            stopping = async { stop.wait_for(Option::is_some).await.ok().and_then(|s| *s) } => {
+                let grace = match stopping {
+                    Some(Stop::Deleted { grace }) => grace,
+                    _ => SHUTDOWN_GRACE,
+                };
+                tracing::info!(pod = %key, pid, ?grace, "stopping");
+                child.signal(Signal::SIGTERM);
+                break match tokio::time::timeout(grace, child.wait()).await {
+                    Ok(exit) => exit?,
+                    Err(_) => {
+                        child.signal(Signal::SIGKILL);
+                        child.wait().await?
+                    }
+                };
+            }
+            _ = tokio::time::sleep_until(next_probe.unwrap_or_else(tokio::time::Instant::now)), if next_probe.is_some() => {
+                let Some(p) = probe.as_mut() else { continue };
+                let now_ready = p.probe().await;
+                if now_ready != ready {
+                    ready = now_ready;
+                    tracing::info!(pod = %key, ready, "readiness changed");
+                    report(&ctx.client, pod, history.status(container, ip, Some(&container_id), ready, running())).await;
                 }
             }
         }
@@ -733,16 +914,182 @@ async fn run_pod(ctx: &Ctx, pod: &Pod, dir: &Path, ip: &str, stop: &mut watch::R
     child.signal(Signal::SIGKILL);
     let code = exit.code().unwrap_or_else(|| 128 + std::os::unix::process::ExitStatusExt::signal(&exit).unwrap_or(9));
     tracing::info!(pod = %key, pid, code, "exited");
-    let (phase, reason) = if code == 0 { ("Succeeded", "Completed") } else { ("Failed", "Error") };
-    let message = if code == 0 { String::new() } else { log_tail(&log_path) };
-    let mut status = terminal_status(pod, Some((code, &started, &container_id)), phase, reason, &message);
-    if *stop.borrow() == Some(Stop::Shutdown) {
-        status["phase"] = "Failed".into();
-        status["reason"] = "NodeShutdown".into();
-        status["message"] = "the dev node stopped and terminated the pod".into();
+    Ok(Ran { code, started, container_id, ran_for: began.elapsed(), log_offset })
+}
+
+/// What a readiness probe checks.
+#[derive(Debug, Clone, PartialEq)]
+enum ProbeTarget {
+    /// An HTTP GET that succeeds with a status from 200 to 399.
+    Http { host: String, port: u16, path: String, headers: Vec<(String, String)> },
+    /// A TCP connection that opens.
+    Tcp { host: String, port: u16 },
+    /// A named port the container does not declare: fails, as the kubelet's does.
+    Unresolved(String),
+}
+
+/// A container's readiness probe and its state, as the kubelet's prober keeps it.
+#[derive(Debug)]
+struct Readiness {
+    target: ProbeTarget,
+    period: Duration,
+    timeout: Duration,
+    success_threshold: u32,
+    failure_threshold: u32,
+    /// When the next probe is due.
+    next: tokio::time::Instant,
+    successes: u32,
+    failures: u32,
+    ready: bool,
+}
+
+impl Readiness {
+    /// The container's `readinessProbe` (httpGet or tcpSocket; the host defaults to the
+    /// pod IP), with the kubelet's defaults; None without one. An exec or gRPC probe
+    /// cannot be run here: it is left out with a warning, so the container is ready once
+    /// started, as without a probe.
+    fn of(container: &Container, ip: &str) -> Option<Self> {
+        let probe = container.readiness_probe.as_ref()?;
+        let port = |p: &IntOrString| -> Result<u16, String> {
+            match p {
+                IntOrString::Int(n) => u16::try_from(*n).map_err(|_| format!("port {n} is out of range")),
+                IntOrString::String(name) => container
+                    .ports
+                    .iter()
+                    .flatten()
+                    .find(|cp| cp.name.as_deref() == Some(name.as_str()))
+                    .and_then(|cp| u16::try_from(cp.container_port).ok())
+                    .ok_or_else(|| format!("the container has no port named {name}")),
+            }
+        };
+        let host = |h: &Option<String>| h.clone().filter(|h| !h.is_empty()).unwrap_or_else(|| ip.to_string());
+        let target = if let Some(h) = &probe.http_get {
+            if h.scheme.as_deref().is_some_and(|s| !s.eq_ignore_ascii_case("HTTP")) {
+                tracing::warn!(container = %container.name, scheme = ?h.scheme, "only HTTP probes run here; ignoring the probe");
+                return None;
+            }
+            let path = h.path.clone().filter(|p| !p.is_empty()).unwrap_or_else(|| "/".into());
+            let path = if path.starts_with('/') { path } else { format!("/{path}") };
+            let headers = h.http_headers.iter().flatten().map(|x| (x.name.clone(), x.value.clone())).collect();
+            match port(&h.port) {
+                Ok(port) => ProbeTarget::Http { host: host(&h.host), port, path, headers },
+                Err(e) => ProbeTarget::Unresolved(e),
+            }
+        } else if let Some(t) = &probe.tcp_socket {
+            match port(&t.port) {
+                Ok(port) => ProbeTarget::Tcp { host: host(&t.host), port },
+                Err(e) => ProbeTarget::Unresolved(e),
+            }
+        } else {
+            tracing::warn!(container = %container.name, "only httpGet and tcpSocket probes run here; ignoring the probe");
+            return None;
+        };
+        let seconds = |v: Option<i32>, default: i32| Duration::from_secs(v.unwrap_or(default).max(0) as u64);
+        Some(Self {
+            target,
+            period: seconds(probe.period_seconds, 10).max(Duration::from_secs(1)),
+            timeout: seconds(probe.timeout_seconds, 1).max(Duration::from_secs(1)),
+            success_threshold: probe.success_threshold.unwrap_or(1).max(1) as u32,
+            failure_threshold: probe.failure_threshold.unwrap_or(3).max(1) as u32,
+            next: tokio::time::Instant::now() + seconds(probe.initial_delay_seconds, 0),
+            successes: 0,
+            failures: 0,
+            ready: false,
+        })
     }
-    report(&ctx.client, pod, status).await;
-    Ok(())
+
+    /// Probes once, schedules the next probe, and returns the readiness.
+    async fn probe(&mut self) -> bool {
+        let outcome = check(&self.target, self.timeout).await;
+        if let Err(e) = &outcome {
+            tracing::debug!(target = ?self.target, error = %e, "readiness probe failed");
+        }
+        self.next = tokio::time::Instant::now() + self.period;
+        self.record(outcome.is_ok())
+    }
+
+    /// Counts a result: `successThreshold` successes in a row make the container ready,
+    /// `failureThreshold` failures in a row unready.
+    fn record(&mut self, ok: bool) -> bool {
+        if ok {
+            self.failures = 0;
+            self.successes = self.successes.saturating_add(1);
+            if self.successes >= self.success_threshold {
+                self.ready = true;
+            }
+        } else {
+            self.successes = 0;
+            self.failures = self.failures.saturating_add(1);
+            if self.failures >= self.failure_threshold {
+                self.ready = false;
+            }
+        }
+        self.ready
+    }
+}
+
+/// Runs one probe within `timeout`.
+async fn check(target: &ProbeTarget, timeout: Duration) -> Result<()> {
+    let target = target.clone();
+    let blocking = tokio::task::spawn_blocking(move || match &target {
+        ProbeTarget::Http { host, port, path, headers } => {
+            let code = http_get(host, *port, path, headers, timeout)?;
+            if (200..400).contains(&code) { Ok(()) } else { bail!("HTTP probe failed with statuscode: {code}") }
+        }
+        ProbeTarget::Tcp { host, port } => {
+            connect(host, *port, timeout)?;
+            Ok(())
+        }
+        ProbeTarget::Unresolved(why) => bail!("{why}"),
+    });
+    // The socket timeouts bound each step; this bounds the whole probe.
+    match tokio::time::timeout(timeout + Duration::from_millis(500), blocking).await {
+        Ok(joined) => joined?,
+        Err(_) => bail!("the probe timed out after {timeout:?}"),
+    }
+}
+
+fn connect(host: &str, port: u16, timeout: Duration) -> Result<std::net::TcpStream> {
+    use std::net::ToSocketAddrs;
+    let addr = (host, port).to_socket_addrs()?.next().with_context(|| format!("{host} has no address"))?;
+    Ok(std::net::TcpStream::connect_timeout(&addr, timeout)?)
+}
+
+/// A plain HTTP/1.1 GET, as the kubelet's prober sends it; returns the status code.
+fn http_get(host: &str, port: u16, path: &str, headers: &[(String, String)], timeout: Duration) -> Result<u16> {
+    use std::io::{Read, Write};
+    let mut stream = connect(host, port, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let mut request = format!("GET {path} HTTP/1.1\r\n");
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        request.push_str(&format!("Host: {host}:{port}\r\n"));
+    }
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("user-agent")) {
+        request.push_str("User-Agent: kube-probe/llmops-dev-node\r\n");
+    }
+    for (k, v) in headers {
+        request.push_str(&format!("{k}: {v}\r\n"));
+    }
+    request.push_str("Accept: */*\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes())?;
+    // Only the status line matters.
+    let mut head = Vec::new();
+    let mut chunk = [0u8; 512];
+    while !head.windows(2).any(|w| w == b"\r\n") && head.len() < 8192 {
+        let n = stream.read(&mut chunk)?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&chunk[..n]);
+    }
+    let text = String::from_utf8_lossy(&head);
+    let line = text.lines().next().unwrap_or_default();
+    let mut fields = line.split_whitespace();
+    match (fields.next(), fields.next().and_then(|c| c.parse::<u16>().ok())) {
+        (Some(v), Some(code)) if v.starts_with("HTTP/") => Ok(code),
+        _ => bail!("not an HTTP response: {line:?}"),
+    }
 }
 
 /// A started process, leader of its own process group; the group is killed when this
@@ -825,6 +1172,13 @@ async fn prepare(ctx: &Ctx, pod: &Pod, container: &Container, dir: &Path, ip: &s
     }
     env.insert("HOSTNAME".into(), pod.name_any());
     env.insert("TMPDIR".into(), dir.join("tmp").to_string_lossy().into_owned());
+    // Before the container's env, so that the spec can override it and refer to it.
+    env.insert(LISTEN_HOST_ENV.into(), ip.to_string());
+    // Paths the worker reads from its Assignment (not from env or arguments, which are
+    // rewritten above) are mapped by the worker itself.
+    let path_map: BTreeMap<&str, String> =
+        mounts.iter().map(|(m, local)| (m.as_str(), local.to_string_lossy().into_owned())).collect();
+    env.insert(PATH_MAP_ENV.into(), serde_json::to_string(&path_map)?);
     for from in container.env_from.iter().flatten() {
         let prefix = from.prefix.clone().unwrap_or_default();
         if let Some(s) = &from.secret_ref {
@@ -1126,9 +1480,12 @@ async fn materialise(ctx: &Ctx, pod: &Pod, volume: &Volume, dir: &Path, ip: &str
     ))
 }
 
-/// The last lines of a log, at most [`MESSAGE_BYTES`].
-fn log_tail(path: &Path) -> String {
-    let text = std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+/// The last lines of a log written from byte `from` on (one run of a container that
+/// restarts), at most [`MESSAGE_BYTES`].
+fn log_tail(path: &Path, from: u64) -> String {
+    let bytes = std::fs::read(path).unwrap_or_default();
+    let bytes = bytes.get(usize::try_from(from).unwrap_or(usize::MAX)..).unwrap_or_default();
+    let text = String::from_utf8_lossy(bytes);
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     let mut tail = lines[lines.len().saturating_sub(MESSAGE_LINES)..].join("\n");
     if tail.len() > MESSAGE_BYTES {
@@ -1145,11 +1502,54 @@ fn log_tail(path: &Path) -> String {
 mod tests {
     use super::*;
 
+    fn text_len(path: &Path) -> u64 {
+        std::fs::metadata(path).map(|m| m.len()).unwrap_or_default()
+    }
+
     #[test]
     fn references_expand_like_the_kubelet() {
         let env: BTreeMap<String, String> = [("A".to_string(), "x".to_string())].into();
         assert_eq!(expand("$(A)/y", &env), "x/y");
         assert_eq!(expand("$$(A) $(B) $", &env), "$(A) $(B) $");
+    }
+
+    #[test]
+    fn readiness_needs_its_thresholds_in_a_row() {
+        let container: Container = serde_json::from_value(json!({
+            "name": "c", "ports": [{"name": "http", "containerPort": 8080}],
+            "readinessProbe": {"httpGet": {"port": "http"}, "successThreshold": 2, "failureThreshold": 2},
+        }))
+        .expect("container");
+        let mut r = Readiness::of(&container, "127.0.0.7").expect("a probe");
+        let expected = ProbeTarget::Http { host: "127.0.0.7".into(), port: 8080, path: "/".into(), headers: vec![] };
+        assert_eq!(r.target, expected);
+        assert_eq!((r.period, r.timeout), (Duration::from_secs(10), Duration::from_secs(1)));
+        assert!(!r.record(true), "one success of two");
+        assert!(r.record(true));
+        assert!(r.record(false), "one failure of two");
+        assert!(!r.record(false));
+        let no_probe: Container = serde_json::from_value(json!({"name": "c"})).expect("container");
+        assert!(Readiness::of(&no_probe, "127.0.0.7").is_none());
+    }
+
+    #[test]
+    fn http_probes_read_the_status_line() {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let server = std::thread::spawn(move || {
+            for (status, stream) in ["200 OK", "404 Not Found"].into_iter().zip(listener.incoming()) {
+                let mut stream = stream.expect("accept");
+                let mut request = [0u8; 1024];
+                let n = stream.read(&mut request).expect("read");
+                assert!(request[..n].starts_with(b"GET /x HTTP/1.1\r\n"));
+                stream.write_all(format!("HTTP/1.0 {status}\r\n\r\n").as_bytes()).expect("write");
+            }
+        });
+        let get = || http_get("127.0.0.1", port, "/x", &[], Duration::from_secs(5)).expect("get");
+        assert_eq!(get(), 200);
+        assert_eq!(get(), 404);
+        server.join().expect("server");
     }
 
     #[test]
@@ -1159,8 +1559,10 @@ mod tests {
         let log = dir.join("log");
         let text: String = (0..50).map(|i| format!("line {i}\n")).collect();
         std::fs::write(&log, text).expect("write");
-        let tail = log_tail(&log);
+        let tail = log_tail(&log, 0);
         assert!(tail.starts_with("line 30") && tail.ends_with("line 49"), "{tail}");
+        let offset = text_len(&log) - "line 49\n".len() as u64;
+        assert_eq!(log_tail(&log, offset), "line 49", "only what a run wrote from its offset on");
         let _ = std::fs::remove_dir_all(dir);
     }
 }

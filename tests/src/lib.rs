@@ -275,6 +275,78 @@ pub fn condition<'a>(
     conds.iter().find(|c| c.type_ == t)
 }
 
+static KSTATUS: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+
+/// Path of the kstatus helper (`tests/kstatus`, cli-utils' `kstatus/status` package in
+/// a Go main): `bin_path kstatus` of tests/cluster/lib.sh, built with
+/// `tests/cluster/build kstatus` when missing (its version carries a hash of its
+/// sources, so an edited helper is rebuilt rather than reused).
+pub fn kstatus_binary() -> Result<PathBuf> {
+    KSTATUS
+        .get_or_init(|| {
+            let cluster = repo_root().join("tests/cluster");
+            let path = std::process::Command::new("bash")
+                .args(["-c", r#"source "$1" && bin_path kstatus"#, "bash"])
+                .arg(cluster.join("lib.sh"))
+                .output()
+                .map_err(|e| format!("cannot run bash: {e}"))?;
+            if !path.status.success() {
+                return Err(format!("bin_path kstatus failed: {}", String::from_utf8_lossy(&path.stderr)));
+            }
+            let path = PathBuf::from(String::from_utf8_lossy(&path.stdout).trim());
+            if !path.is_file() {
+                let build = cluster.join("build");
+                // Its progress goes to stderr, so that stdout stays the test's.
+                let out = std::process::Command::new(&build)
+                    .arg("kstatus")
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .output()
+                    .map_err(|e| format!("cannot run {}: {e}", build.display()))?;
+                if !out.status.success() || !path.is_file() {
+                    return Err(format!(
+                        "`{} kstatus` failed with {}: {}{}",
+                        build.display(),
+                        out.status,
+                        String::from_utf8_lossy(&out.stdout),
+                        String::from_utf8_lossy(&out.stderr)
+                    ));
+                }
+            }
+            Ok(path)
+        })
+        .clone()
+        .map_err(|e| anyhow!(e))
+}
+
+/// The kstatus health of one object, as Flux and cli-utils compute it
+/// (`status.Compute` of sigs.k8s.io/cli-utils): `(status, message)`, the status one of
+/// `Current`, `InProgress`, `Failed`, `Terminating`, `NotFound` or `Unknown`.
+pub fn kstatus(object: &Value) -> Result<(String, String)> {
+    use std::io::Write;
+    let binary = kstatus_binary()?;
+    let mut child = std::process::Command::new(&binary)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {}", binary.display()))?;
+    let input = serde_json::to_vec(object)?;
+    child.stdin.take().context("kstatus stdin")?.write_all(&input)?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("kstatus failed with {}: {}", out.status, String::from_utf8_lossy(&out.stderr));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    let [line] = lines.as_slice() else { bail!("kstatus judged {} objects, not one: {stdout}", lines.len()) };
+    // `<Kind>/<name> <Status> <message>`; the name has no spaces, the message may.
+    let mut fields = line.splitn(3, ' ');
+    let _id = fields.next();
+    let status = fields.next().filter(|s| !s.is_empty()).with_context(|| format!("kstatus printed {line:?}"))?;
+    Ok((status.to_string(), fields.next().unwrap_or_default().trim().to_string()))
+}
+
 /// An operator running in the calling test's runtime, watching one namespace, with its
 /// gateway on a free port of 127.0.0.1 and a hostPath store under the temp dir.
 pub struct Operator {
@@ -335,5 +407,38 @@ impl Operator {
     ) -> Result<llmops_proto::v1::worker_gateway_client::WorkerGatewayClient<tonic::transport::Channel>> {
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))?.connect().await?;
         Ok(llmops_proto::v1::worker_gateway_client::WorkerGatewayClient::new(channel))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// A custom object with `generation` 2 and the given status.
+    fn object(status: Value) -> Value {
+        json!({"apiVersion": "llmops.dev/v1alpha1", "kind": "Dataset",
+               "metadata": {"name": "d", "namespace": "n", "generation": 2}, "status": status})
+    }
+
+    fn cond(type_: &str, status: &str) -> Value {
+        json!({"type": type_, "status": status, "reason": "Because", "message": format!("{type_} is {status}"),
+               "lastTransitionTime": "2025-01-01T00:00:00Z"})
+    }
+
+    #[test]
+    fn kstatus_reads_conditions_and_generations_as_flux_does() -> Result<()> {
+        let current = kstatus(&object(json!({"observedGeneration": 2, "conditions": [cond("Ready", "True")]})))?;
+        assert_eq!(current.0, "Current", "{current:?}");
+        let reconciling = kstatus(&object(json!({"observedGeneration": 2, "conditions": [
+            cond("Reconciling", "True"), cond("Ready", "False")]})))?;
+        assert_eq!(reconciling, ("InProgress".into(), "Reconciling is True".into()));
+        let stalled = kstatus(&object(json!({"observedGeneration": 2, "conditions": [
+            cond("Stalled", "True"), cond("Ready", "False")]})))?;
+        assert_eq!(stalled, ("Failed".into(), "Stalled is True".into()));
+        let behind = kstatus(&object(json!({"observedGeneration": 1, "conditions": [cond("Ready", "True")]})))?;
+        assert_eq!(behind.0, "InProgress", "{behind:?}");
+        assert!(behind.1.contains("observed generation is 1"), "{behind:?}");
+        Ok(())
     }
 }

@@ -6,6 +6,9 @@
 //! to it with a nodeSelector on the hostname plus the dev node's toleration, so a quick
 //! start's dev node on the same cluster takes none of them. The tests take turns: two
 //! dev nodes would hand out the same 127.0.0.x addresses.
+//!
+//! What long-running serving pods need (restarts with back-off, readiness probes, the
+//! listen address) is checked with bare pods running `sh` and `python3`, no worker.
 
 use std::time::Duration;
 
@@ -16,7 +19,7 @@ use kube::{Client, ResourceExt};
 use llmops_crds::{Dataset, EvalRun, FineTuneJob, PromptVersion};
 use llmops_operator::StoreConfig;
 use llmops_tests::dev_node::{DevNode, DevNodeConfig, NODE_LABEL, NODE_TAINT};
-use llmops_tests::{Operator, apply, condition, eventually, example, namespace_with_crds};
+use llmops_tests::{Operator, TestNamespace, apply, condition, eventually, example, namespace_with_crds};
 use serde_json::{Value, json};
 
 /// One dev node at a time in this test binary.
@@ -30,6 +33,63 @@ async fn dev_node(client: &Client, ns: &str) -> Result<DevNode> {
     let name = format!("dev-{ns}");
     let work_dir = std::env::temp_dir().join(format!("llmops-dev-node-{ns}"));
     DevNode::start(client.clone(), DevNodeConfig::new(name, llmops_tests::worker_binary()?, work_dir)).await
+}
+
+/// A dev node for pods that run plain commands (no worker needed).
+async fn process_node(client: &Client, ns: &str) -> Result<DevNode> {
+    let name = format!("dev-{ns}");
+    let work_dir = std::env::temp_dir().join(format!("llmops-dev-node-{ns}"));
+    let worker = llmops_tests::worker_binary().unwrap_or_else(|_| "llmops-worker".into());
+    DevNode::start(client.clone(), DevNodeConfig::new(name, worker, work_dir)).await
+}
+
+/// A bare pod on `node` running `sh -c script` (restartPolicy Always, as the apiserver
+/// defaults it), with `container` merged into its container.
+fn bare_pod(name: &str, node: &DevNode, script: &str, container: Value) -> Result<Pod> {
+    let mut c = json!({"name": "main", "image": "none", "command": ["sh", "-c", script],
+                       "resources": {"requests": {"cpu": "250m", "memory": "64Mi"}}});
+    if let (Some(c), Value::Object(extra)) = (c.as_object_mut(), container) {
+        c.extend(extra);
+    }
+    Ok(serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name},
+        "spec": {
+            "restartPolicy": "Always",
+            "terminationGracePeriodSeconds": 1,
+            "nodeSelector": {NODE_LABEL: "true", "kubernetes.io/hostname": node.config.node_name},
+            "tolerations": [{"key": NODE_TAINT, "operator": "Exists", "effect": "NoSchedule"}],
+            "containers": [c],
+        },
+    }))?)
+}
+
+fn container_status(pod: &Pod) -> Option<&k8s_openapi::api::core::v1::ContainerStatus> {
+    pod.status.as_ref().and_then(|s| s.container_statuses.as_ref()).and_then(|c| c.first())
+}
+
+/// The pod's Ready condition is True.
+fn pod_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// Deletes the pods and waits until the dev node has finished their deletion.
+async fn delete_pods(pods: &Api<Pod>, names: &[&str]) -> Result<()> {
+    for name in names {
+        pods.delete(name, &DeleteParams::default()).await?;
+    }
+    eventually("the pods to go", WAIT, || async {
+        for name in names {
+            if pods.get_opt(name).await?.is_some() {
+                return Ok(None);
+            }
+        }
+        Ok(Some(()))
+    })
+    .await
 }
 
 /// Pins a workload's pod to `node`.
@@ -271,4 +331,109 @@ async fn the_whole_pipeline_runs_for_real_on_the_dev_node() -> Result<()> {
 
 fn ready(conds: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]) -> bool {
     condition(conds, "Ready").is_some_and(|c| c.status == "True")
+}
+
+#[tokio::test]
+async fn a_crashing_pod_with_restart_policy_always_is_restarted_with_back_off() -> Result<()> {
+    let _turn = TURN.lock().await;
+    let client = llmops_tests::client().await?;
+    let ns = TestNamespace::create(&client, "dev-node-restarts").await?;
+    let node = process_node(&client, &ns.name).await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let pod = bare_pod("crasher", &node, "echo crashing now; exit 3", json!({}))?;
+    pods.create(&Default::default(), &pod).await?;
+
+    // Back-offs of 1 s and 2 s: the second restart comes after about 3 s.
+    let crashed = eventually("two restarts", WAIT, || async {
+        let pod = pods.get("crasher").await?;
+        Ok(container_status(&pod).is_some_and(|c| c.restart_count >= 2).then_some(pod))
+    })
+    .await?;
+    let status = crashed.status.clone().context("status")?;
+    let c = container_status(&crashed).context("container status")?;
+    assert_eq!(status.phase.as_deref(), Some("Running"), "a restarting pod stays Running: {status:?}");
+    let last = c.last_state.as_ref().and_then(|s| s.terminated.as_ref()).context("lastState.terminated")?;
+    assert_eq!(last.exit_code, 3, "{c:?}");
+    assert_eq!(last.reason.as_deref(), Some("Error"));
+    assert_eq!(last.message.as_deref(), Some("crashing now"), "the tail of that run's log only: {c:?}");
+    assert!(!c.ready, "{c:?}");
+    // Between tries the container waits in CrashLoopBackOff.
+    eventually("a CrashLoopBackOff wait", WAIT, || async {
+        let pod = pods.get("crasher").await?;
+        let reason = container_status(&pod)
+            .and_then(|c| c.state.as_ref())
+            .and_then(|s| s.waiting.as_ref())
+            .and_then(|w| w.reason.clone());
+        Ok((reason.as_deref() == Some("CrashLoopBackOff")).then_some(()))
+    })
+    .await?;
+
+    delete_pods(&pods, &["crasher"]).await?;
+    node.stop().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_readiness_probe_decides_when_a_serving_pod_is_ready() -> Result<()> {
+    let _turn = TURN.lock().await;
+    let client = llmops_tests::client().await?;
+    let ns = TestNamespace::create(&client, "dev-node-readiness").await?;
+    let node = process_node(&client, &ns.name).await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    // Each pod listens on its own 127.0.0.x, so both can use the same port.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    // The server starts 2 s late, so the pod runs unready first.
+    let script = format!(r#"sleep 2; exec python3 -m http.server {port} --bind "$LLMOPS_LISTEN_HOST""#);
+    let probe = |path: &str| {
+        json!({
+            "ports": [{"name": "http", "containerPort": port}],
+            "readinessProbe": {"httpGet": {"path": path, "port": "http"}, "periodSeconds": 1, "failureThreshold": 1},
+        })
+    };
+    pods.create(&Default::default(), &bare_pod("serving", &node, &script, probe("/"))?).await?;
+    pods.create(&Default::default(), &bare_pod("missing", &node, &script, probe("/no-such-page"))?).await?;
+
+    let unready = eventually("the pod to run, not ready yet", WAIT, || async {
+        let pod = pods.get("serving").await?;
+        let running = pid(&pod).is_some() && exit_code(&pod).is_none();
+        Ok(running.then_some(pod))
+    })
+    .await?;
+    assert!(!pod_ready(&unready), "not ready before the probe succeeds: {:?}", unready.status);
+    assert!(!container_status(&unready).context("container status")?.ready);
+
+    let ready = eventually("the pod to become Ready", WAIT, || async {
+        let pod = pods.get("serving").await?;
+        Ok(pod_ready(&pod).then_some(pod))
+    })
+    .await
+    .with_context(|| format!("{:?}", unready.status))?;
+    assert!(container_status(&ready).context("container status")?.ready);
+    let conditions = ready.status.as_ref().and_then(|s| s.conditions.clone()).unwrap_or_default();
+    assert!(conditions.iter().any(|c| c.type_ == "ContainersReady" && c.status == "True"), "{conditions:?}");
+    // It answers on its own address, the one LLMOPS_LISTEN_HOST named.
+    let ip = pod_ip(&ready);
+    assert!(ip.starts_with("127.0.0."), "{ip}");
+    std::net::TcpStream::connect((ip.as_str(), port)).context("the server listens on the pod IP")?;
+
+    // The other one serves too (on its own address, the same port), but its probe gets a 404.
+    let other_ip = eventually("the second pod's address", WAIT, || async {
+        Ok(Some(pod_ip(&pods.get("missing").await?)).filter(|ip| !ip.is_empty()))
+    })
+    .await?;
+    assert_ne!(other_ip, ip);
+    eventually("the second server to answer", WAIT, || async {
+        Ok(std::net::TcpStream::connect((other_ip.as_str(), port)).ok().map(|_| ()))
+    })
+    .await?;
+    // A few more probe periods: still not Ready.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let missing = pods.get("missing").await?;
+    assert_eq!(missing.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Running"));
+    assert!(!pod_ready(&missing), "a probe that gets 404 keeps it unready: {:?}", missing.status);
+    assert!(!container_status(&missing).context("container status")?.ready);
+
+    delete_pods(&pods, &["serving", "missing"]).await?;
+    node.stop().await?;
+    Ok(())
 }
