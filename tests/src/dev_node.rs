@@ -209,12 +209,23 @@ impl Drop for DevNode {
         task.abort();
         let client = self.client.clone();
         let name = self.config.node_name.clone();
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            rt.block_on(async { Api::<Node>::all(client).delete(&name, &DeleteParams::default()).await })?;
-            anyhow::Ok(())
-        })
-        .join();
+        // The client's connection tasks may live on the runtime that is dropping this (a
+        // current-thread test runtime cannot run them meanwhile): wait a few seconds at
+        // most, rather than for ever.
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let deleted = tokio::runtime::Builder::new_current_thread().enable_all().build().map(|rt| {
+                rt.block_on(async {
+                    tokio::time::timeout(
+                        Duration::from_secs(5),
+                        Api::<Node>::all(client).delete(&name, &DeleteParams::default()),
+                    )
+                    .await
+                })
+            });
+            let _ = done_tx.send(deleted.is_ok());
+        });
+        let _ = done_rx.recv_timeout(Duration::from_secs(6));
     }
 }
 

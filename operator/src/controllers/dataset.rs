@@ -34,7 +34,8 @@ impl BatchKind for Dataset {
             }
             inputs.feedback_uri =
                 Some(format!("store://{}/modeldeployment/{}/traffic/", key.namespace, f.model_deployment));
-            inputs.feedback_until = Some(f.until.as_ref().map(|t| t.0).unwrap_or_else(|| crate::conditions::now().0));
+            // Precise, not the second-truncated time of conditions: a rating given in this second counts.
+            inputs.feedback_until = Some(f.until.as_ref().map(|t| t.0).unwrap_or_else(jiff::Timestamp::now));
         }
         if let Some(uri) = &self.spec.source.uri {
             lineage.inputs.push(LineageInput { kind: "Uri".into(), name: uri.clone(), sha256: String::new() });

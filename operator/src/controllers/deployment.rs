@@ -796,7 +796,13 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> std::result::Re
             .filter(|p| p.labels().get(REVISION_LABEL) == Some(rev) && crate::pods::is_ready(p))
             .map(|p| p.name_any())
             .collect();
-        status.endpoint = endpoint(ctx, &key).await.at(Step::Dereference)?;
+        let ready_ips: Vec<String> = list
+            .items
+            .iter()
+            .filter(|p| p.labels().get(REVISION_LABEL) == Some(rev) && crate::pods::is_ready(p))
+            .filter_map(|p| p.status.as_ref()?.pod_ip.clone())
+            .collect();
+        status.endpoint = endpoint(ctx, &key, &ready_ips).await.at(Step::Dereference)?;
     } else {
         status.replicas = Some(0);
         status.ready_replicas = Some(0);
@@ -946,8 +952,10 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> std::result::Re
 }
 
 /// The endpoint of a deployment: its Service's DNS name, or a ready pod's IP when the
-/// operator is told to address by pod IP. None while nothing is ready there.
-async fn endpoint(ctx: &Context, key: &WorkloadKey) -> Result<Option<String>> {
+/// operator is told to address by pod IP: a ready address of the Service's
+/// EndpointSlices, else a ready serving pod's IP (EndpointSlices refuse loopback
+/// addresses, which a development node's pods have). None while nothing is ready.
+async fn endpoint(ctx: &Context, key: &WorkloadKey, ready_ips: &[String]) -> Result<Option<String>> {
     if !ctx.config.address_by_pod_ip {
         return Ok(Some(format!("http://{}.{}.svc:{SERVING_PORT}/v1", key.name, key.namespace)));
     }
@@ -960,6 +968,9 @@ async fn endpoint(ctx: &Context, key: &WorkloadKey) -> Result<Option<String>> {
         .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(false))
         .flat_map(|e| e.addresses.iter().cloned())
         .collect();
+    if addresses.is_empty() {
+        addresses = ready_ips.to_vec();
+    }
     addresses.sort();
     Ok(addresses.first().map(|ip| format!("http://{ip}:{SERVING_PORT}/v1")))
 }
