@@ -30,6 +30,12 @@ fn workload<K: Resource<DynamicType = ()>>(obj: &K) -> v1::Workload {
     }
 }
 
+/// The health Flux and cli-utils compute from an object (kstatus): Current, InProgress,
+/// Failed.
+fn health<K: serde::Serialize>(obj: &K) -> Result<String> {
+    Ok(llmops_tests::kstatus(&serde_json::to_value(obj)?)?.0)
+}
+
 async fn read_token(client: &Client, ns: &str, secret: &str) -> Result<String> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
     let s = eventually(&format!("secret {secret}"), WAIT, || async { Ok(secrets.get_opt(secret).await?) }).await?;
@@ -157,6 +163,7 @@ async fn dataset_becomes_a_job_and_its_result_comes_from_the_gateway() -> Result
         Ok(condition(&conds, "Ready").filter(|c| c.reason == "Running").map(|_| ()))
     })
     .await?;
+    assert_eq!(health(&datasets.get("acme-facts").await?)?, "InProgress", "a running job is in progress");
 
     // The worker's side: fetch the Assignment, report progress and the result.
     let mut gw = op.client().await?;
@@ -187,13 +194,14 @@ async fn dataset_becomes_a_job_and_its_result_comes_from_the_gateway() -> Result
     .await?;
     report(&op, &token, &workload(&ds), &pod.name_any(), 2, vec![dataset_result(&workload(&ds))]).await?;
     let ds = datasets.get("acme-facts").await?;
-    let status = ds.status.context("status")?;
+    let status = ds.status.clone().context("status")?;
     assert_eq!(status.artifact.map(|a| a.sha256), Some("e".repeat(64)), "the result is in status once acknowledged");
     assert!(condition(&status.common.conditions, "Ready").is_some_and(|c| c.status == "True"));
     assert!(condition(&status.common.conditions, "Succeeded").is_some_and(|c| c.status == "True"));
     assert_eq!(status.records.map(|r| r.output), Some(10));
     assert_eq!(status.splits.map(|s| s.train), Some(8));
     assert_eq!(status.common.observed_generation, ds.metadata.generation);
+    assert_eq!(health(&ds)?, "Current", "a succeeded job is current");
 
     // Delete: the Job and the Secret go with the Dataset (garbage collection).
     datasets.delete("acme-facts", &DeleteParams::foreground()).await?;
@@ -256,6 +264,9 @@ async fn a_failing_worker_shows_its_reason() -> Result<()> {
     assert_eq!((failed.status.as_str(), failed.reason.as_str()), ("True", "NoRecords"));
     assert!(failed.message.contains("could be read as completion records"), "{}", failed.message);
     assert_eq!(status.common.phase.as_deref(), Some("Failed"));
+    let stalled = condition(&status.common.conditions, "Stalled").context("Stalled condition")?;
+    assert_eq!((stalled.status.as_str(), stalled.reason.as_str()), ("True", "NoRecords"));
+    assert_eq!(health(&datasets.get("acme-facts").await?)?, "Failed", "a failed Dataset reads as Failed");
     op.stop().await;
     Ok(())
 }
@@ -273,6 +284,7 @@ async fn finetune_waits_for_its_dataset_then_runs_on_a_gpu_node() -> Result<()> 
         Ok(condition(&conds, "Ready").filter(|c| c.reason == "DatasetNotFound").map(|_| ()))
     })
     .await?;
+    assert_eq!(health(&tunes.get("acme-facts-lora").await?)?, "InProgress", "waiting for an input is in progress");
     let jobs: Api<Job> = Api::namespaced(client.clone(), &ns.name);
     assert!(jobs.get_opt("acme-facts-lora-finetune").await?.is_none(), "no Job before the Dataset is Ready");
 
@@ -487,6 +499,7 @@ async fn the_pipeline_applied_in_reverse_order_converges() -> Result<()> {
     let passed = condition(&status.common.conditions, "Passed").context("Passed")?;
     assert_eq!(passed.status, "True");
     assert_eq!(status.metrics.first().map(|m| m.value), Some(0.62));
+    assert_eq!(health(&evals.get("acme-facts-lora-eval").await?)?, "Current");
     delete_finetunes(&client, &ns.name).await?;
     op.stop().await;
     Ok(())
@@ -1014,6 +1027,7 @@ async fn a_prompt_version_gets_its_digest_and_config_map_and_a_bad_one_says_why(
     );
     let prompt: Value = serde_json::from_str(data.get("prompt.json").context("prompt.json")?)?;
     assert_eq!(prompt["sha256"].as_str(), status.digest.as_deref());
+    assert_eq!(health(&pv)?, "Current");
 
     // An example that leaves a required variable out: not Ready, and it says which.
     let mut bad = example("promptversion.yaml")?;
@@ -1027,6 +1041,7 @@ async fn a_prompt_version_gets_its_digest_and_config_map_and_a_bad_one_says_why(
     .await?;
     assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "ExampleFailed"), "{ready:?}");
     assert!(ready.message.contains("\"prompt\" is required"), "{}", ready.message);
+    assert_eq!(health(&prompts.get("acme-support-broken").await?)?, "Failed", "an immutable broken prompt is stalled");
 
     // Deleting the PromptVersion takes its ConfigMap with it.
     prompts.delete("acme-support-v1", &DeleteParams::foreground()).await?;
@@ -1226,5 +1241,39 @@ async fn with_leader_election_one_replica_works_and_the_other_takes_over() -> Re
     assert_eq!(jobs.list(&selector).await?.items.len(), 1, "one Job");
     second.abort();
     let _ = second.await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_deployment_whose_spec_cannot_work_is_stalled_and_starts_nothing() -> Result<()> {
+    use k8s_openapi::api::apps::v1::Deployment;
+    let (client, ns) = namespace_with_crds("op-md-stalled").await?;
+    let op = Operator::start(&client, &ns.name).await?;
+    // Serving puts the prompt's system message before each request: its variable needs
+    // a default, and this one has none.
+    let prompt = serde_json::json!({
+        "apiVersion": "llmops.dev/v1alpha1", "kind": "PromptVersion", "metadata": {"name": "per-topic"},
+        "spec": {"prompt": "topic", "messages": [{"role": "system", "content": "You only talk about {{ topic }}."}],
+                 "variables": [{"name": "topic"}]},
+    });
+    apply(&client, &ns.name, &prompt).await?;
+    let md = serde_json::json!({
+        "apiVersion": "llmops.dev/v1alpha1", "kind": "ModelDeployment", "metadata": {"name": "unservable"},
+        "spec": {"model": {"uri": "store://imports/m.gguf"}, "prompt": {"name": "per-topic"}},
+    });
+    apply(&client, &ns.name, &md).await?;
+    let mds: Api<llmops_crds::ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    let stalled = eventually("the deployment to stall", WAIT, || async {
+        let m = mds.get("unservable").await?;
+        let conds = m.status.clone().map(|s| s.common.conditions).unwrap_or_default();
+        Ok(condition(&conds, "Stalled").filter(|c| c.status == "True").cloned().map(|c| (m, c)))
+    })
+    .await?;
+    assert_eq!(stalled.1.reason, "PromptNotServable", "{:?}", stalled.1);
+    assert!(stalled.1.message.contains("topic"), "{}", stalled.1.message);
+    assert_eq!(health(&stalled.0)?, "Failed");
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    assert!(deployments.get_opt("unservable").await?.is_none(), "nothing is started for a spec that cannot work");
+    op.stop().await;
     Ok(())
 }
