@@ -218,29 +218,27 @@ async fn reconcile_inner<K: BatchKind>(
         // can change that.
         None if old.finished() && old.common.observed_generation == generation => return Ok(Action::await_change()),
         None => match obj.plan(ctx, key).await.at(Step::Dereference)? {
-            Plan::Wait { reason, message } => {
-                let state = status::waiting(&old, &reason, &message, generation, &now);
+            plan @ (Plan::Wait { .. } | Plan::Invalid { .. }) => {
+                let invalid = matches!(plan, Plan::Invalid { .. });
+                let (Plan::Wait { reason, message } | Plan::Invalid { reason, message }) = plan else {
+                    unreachable!("matched above")
+                };
+                let state = if invalid {
+                    status::invalid(&old, &reason, &message, generation, &now)
+                } else {
+                    status::waiting(&old, &reason, &message, generation, &now)
+                };
                 let mut new_status = old_status.clone();
                 K::set_batch(&mut new_status, state);
                 write_status(ctx, &api, key, &old_status, &new_status).await.at(Step::UpdateStatus)?;
                 let old_reason = conditions::get(&old.common.conditions, READY).map(|c| c.reason.as_str());
                 if old_reason != Some(reason.as_str()) {
-                    tracing::info!(workload = %key, %reason, %message, "waiting");
-                    ctx.event(obj, false, &reason, message).await;
+                    tracing::info!(workload = %key, %reason, %message, invalid, "cannot start");
+                    ctx.event(obj, invalid, &reason, message).await;
                 }
-                return Ok(Action::requeue(Duration::from_secs(30)));
-            }
-            Plan::Invalid { reason, message } => {
-                let state = status::invalid(&old, &reason, &message, generation, &now);
-                let mut new_status = old_status.clone();
-                K::set_batch(&mut new_status, state);
-                write_status(ctx, &api, key, &old_status, &new_status).await.at(Step::UpdateStatus)?;
-                let old_reason = conditions::get(&old.common.conditions, READY).map(|c| c.reason.as_str());
-                if old_reason != Some(reason.as_str()) {
-                    tracing::warn!(workload = %key, %reason, %message, "the spec cannot work");
-                    ctx.event(obj, true, &reason, message).await;
-                }
-                return Ok(Action::await_change());
+                // An invalid spec waits for a change of the object; a missing input is looked
+                // for again (and its own changes trigger a reconcile too).
+                return Ok(if invalid { Action::await_change() } else { Action::requeue(Duration::from_secs(30)) });
             }
             Plan::Run { assignment, lineage, secret_files } => {
                 let pinned = Pinned {

@@ -235,6 +235,17 @@ async fn dereference(ctx: &Context, md: &ModelDeployment, ns: &str) -> Result<st
 
 // ---- build (pure) ----
 
+/// Metadata of an object the deployment owns: its labels and controller reference.
+fn owned_meta(key: &WorkloadKey, owner: &OwnerReference, name: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.to_string()),
+        namespace: Some(key.namespace.clone()),
+        labels: Some(key.labels()),
+        owner_references: Some(vec![owner.clone()]),
+        ..Default::default()
+    }
+}
+
 /// Labels of the objects of one revision.
 fn revision_labels(key: &WorkloadKey, revision: &str) -> BTreeMap<String, String> {
     let mut labels = key.labels();
@@ -256,11 +267,8 @@ pub fn build_config_map(
     ]);
     Ok(ConfigMap {
         metadata: ObjectMeta {
-            name: Some(revision_config_map(&key.name, revision)),
-            namespace: Some(key.namespace.clone()),
             labels: Some(revision_labels(key, revision)),
-            owner_references: Some(vec![owner.clone()]),
-            ..Default::default()
+            ..owned_meta(key, owner, &revision_config_map(&key.name, revision))
         },
         data: Some(data),
         ..Default::default()
@@ -373,13 +381,7 @@ pub fn build_deployment(
         }
     }
     Deployment {
-        metadata: ObjectMeta {
-            name: Some(key.name.clone()),
-            namespace: Some(key.namespace.clone()),
-            labels: Some(key.labels()),
-            owner_references: Some(vec![owner.clone()]),
-            ..Default::default()
-        },
+        metadata: owned_meta(key, owner, &key.name),
         spec: Some(DeploymentSpec {
             replicas: Some(desired_replicas(md)),
             selector: LabelSelector { match_labels: Some(selector(key)), ..Default::default() },
@@ -402,13 +404,7 @@ pub fn build_deployment(
 /// The Service in front of the serving pods (port `http`).
 pub fn build_service(key: &WorkloadKey, owner: &OwnerReference) -> Service {
     Service {
-        metadata: ObjectMeta {
-            name: Some(key.name.clone()),
-            namespace: Some(key.namespace.clone()),
-            labels: Some(key.labels()),
-            owner_references: Some(vec![owner.clone()]),
-            ..Default::default()
-        },
+        metadata: owned_meta(key, owner, &key.name),
         spec: Some(ServiceSpec {
             selector: Some(selector(key)),
             ports: Some(vec![ServicePort {
@@ -456,13 +452,7 @@ pub fn build_hpa(md: &ModelDeployment, key: &WorkloadKey, owner: &OwnerReference
         });
     }
     Some(HorizontalPodAutoscaler {
-        metadata: ObjectMeta {
-            name: Some(key.name.clone()),
-            namespace: Some(key.namespace.clone()),
-            labels: Some(key.labels()),
-            owner_references: Some(vec![owner.clone()]),
-            ..Default::default()
-        },
+        metadata: owned_meta(key, owner, &key.name),
         spec: Some(HorizontalPodAutoscalerSpec {
             scale_target_ref: CrossVersionObjectReference {
                 api_version: Some(ModelDeployment::api_version(&()).into_owned()),
@@ -652,13 +642,7 @@ async fn ensure_secret(
     }
     let value = crate::gateway::tokens::generate().map_err(|e| Error::Random(e.to_string()))?;
     let secret = Secret {
-        metadata: ObjectMeta {
-            name: Some(name.to_string()),
-            namespace: Some(key.namespace.clone()),
-            labels: Some(key.labels()),
-            owner_references: Some(vec![owner.clone()]),
-            ..Default::default()
-        },
+        metadata: owned_meta(key, owner, name),
         data: Some(BTreeMap::from([(data_key.to_string(), ByteString(value.clone().into_bytes()))])),
         type_: Some("Opaque".into()),
         ..Default::default()
