@@ -474,6 +474,9 @@ async fn a_gate_keeps_the_serving_revision_until_its_eval_passes_and_for_good_wh
     })
     .await?;
 
+    let gate = get_md(&mds, "gated").await?.status.and_then(|s| s.gate).context("the serving revision's gate")?;
+    assert_eq!((gate.revision.as_str(), gate.verdict.as_str()), (rev2.as_str(), "Passed"), "{gate:?}");
+
     // A revision whose gate fails is refused for good: the serving one stays.
     apply(&client, &ns.name, &gated_manifest(&node, "terse", "Berlin")).await?;
     let failed = eventually("the third gate to fail", RUN, || async {

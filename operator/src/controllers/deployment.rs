@@ -709,16 +709,24 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> std::result::Re
             lineage.revision = revision.clone();
             let cm = build_config_map(&key, &owner, revision, assignment, &lineage).at(Step::Build)?;
             apply(&config_maps, &cm).await.at(Step::Apply)?;
-            if current.as_deref() != Some(revision.as_str()) {
-                match build_gate(md, &key, &owner, revision, &r.serving) {
-                    None => serving = Some(revision.clone()),
-                    Some(gate) => {
-                        let name = gate.name_any();
-                        let existing = runs.get_opt(&name).await.at(Step::Dereference)?;
-                        let run = match existing {
-                            Some(run) if run.labels().get(REVISION_LABEL) == Some(revision) => run,
-                            _ => apply(&runs, &gate).await.at(Step::Apply)?,
-                        };
+            let already_serves = current.as_deref() == Some(revision.as_str());
+            match build_gate(md, &key, &owner, revision, &r.serving) {
+                None => serving = Some(revision.clone()),
+                Some(gate) => {
+                    let name = gate.name_any();
+                    let existing = runs
+                        .get_opt(&name)
+                        .await
+                        .at(Step::Dereference)?
+                        .filter(|run| run.labels().get(REVISION_LABEL) == Some(revision));
+                    // A revision that already serves keeps its verdict in status; its gate
+                    // is not run again when its EvalRun was deleted.
+                    let run = match existing {
+                        Some(run) => Some(run),
+                        None if already_serves => None,
+                        None => Some(apply(&runs, &gate).await.at(Step::Apply)?),
+                    };
+                    if let Some(run) = run {
                         let v = verdict(Some(&run), revision);
                         if matches!(v, Verdict::Passed(_)) {
                             serving = Some(revision.clone());
