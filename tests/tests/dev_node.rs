@@ -222,9 +222,10 @@ async fn the_whole_pipeline_runs_for_real_on_the_dev_node() -> Result<()> {
     let mut eval = example("evalrun.yaml")?;
     eval["spec"]["target"]["model"] = json!({"uri": "store://imports/tiny/", "format": "hf"});
     eval["spec"]["metrics"] = json!(["perplexity", "contains"]);
-    // A random model's perplexity is huge (around 1e12) and it contains no answer: the bar
-    // is one it passes, the point is a verdict computed for real.
-    eval["spec"]["thresholds"] = json!([{"metric": "contains", "min": 0.0}]);
+    // A random model's perplexity is huge (around 1e12) and it contains no answer: a bar
+    // that a model which learned anything would clear, so this verdict must be a failure,
+    // computed for real (a gate that cannot fail would pass here).
+    eval["spec"]["thresholds"] = json!([{"metric": "contains", "min": 0.5}]);
     for m in [&mut dataset, &mut tune, &mut eval] {
         place_on(m, &node);
     }
@@ -270,8 +271,9 @@ async fn the_whole_pipeline_runs_for_real_on_the_dev_node() -> Result<()> {
     .await?;
     let status = run.status.clone().context("status")?;
     let passed = condition(&status.common.conditions, "Passed").context("Passed")?;
-    assert_eq!(passed.status, "True", "{passed:?}");
-    assert_eq!(status.passed, Some(true));
+    assert_eq!((passed.status.as_str(), passed.reason.as_str()), ("False", "ThresholdsNotMet"), "{passed:?}");
+    assert!(passed.message.contains("contains"), "the message names the failed threshold: {}", passed.message);
+    assert_eq!(status.passed, Some(false));
     let perplexity = status.metrics.iter().find(|m| format!("{:?}", m.metric).eq_ignore_ascii_case("perplexity"));
     assert!(perplexity.is_some_and(|m| m.value.is_finite() && m.value > 1.0), "{:?}", status.metrics);
     assert!(ready(&status.common.conditions));
