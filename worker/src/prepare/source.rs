@@ -91,23 +91,7 @@ pub fn list_files(path: &str) -> Result<Vec<PathBuf>> {
     if meta.is_file() {
         return Ok(vec![p.to_path_buf()]);
     }
-    let mut files = Vec::new();
-    let mut stack = vec![p.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
-            let entry = entry?;
-            if entry.file_name().to_string_lossy().starts_with('.') {
-                continue;
-            }
-            let path = entry.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                files.push(path);
-            }
-        }
-    }
-    files.sort();
+    let files = files_under(p)?;
     if files.is_empty() {
         bail!("the directory {path} holds no files");
     }
@@ -352,10 +336,17 @@ type Rating = (String, u8, Option<String>);
 /// Every `*.jsonl` under a traffic log directory, in subdirectories too (hidden entries
 /// skipped), sorted: the pods' appended logs and their sealed segments alike.
 pub fn traffic_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files = files_under(dir).with_context(|| format!("reading the traffic log {}", dir.display()))?;
+    files.retain(|path| path.extension().is_some_and(|e| e == "jsonl"));
+    Ok(files)
+}
+
+/// Every file under `dir`, in subdirectories too, hidden entries skipped, sorted.
+fn files_under(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(at) = stack.pop() {
-        for entry in std::fs::read_dir(&at).with_context(|| format!("reading the traffic log {}", at.display()))? {
+        for entry in std::fs::read_dir(&at).with_context(|| format!("reading {}", at.display()))? {
             let entry = entry?;
             if entry.file_name().to_string_lossy().starts_with('.') {
                 continue;
@@ -363,7 +354,7 @@ pub fn traffic_files(dir: &Path) -> Result<Vec<PathBuf>> {
             let path = entry.path();
             if path.is_dir() {
                 stack.push(path);
-            } else if path.extension().is_some_and(|e| e == "jsonl") {
+            } else {
                 files.push(path);
             }
         }
