@@ -1,0 +1,90 @@
+{{/*
+What the operator does in the namespaces it watches, read off operator/src: every
+Api<...> it builds and the calls it makes on it. A Controller's watch of its own kind,
+of the objects it owns (.owns) and of what it references (.watches) is list + watch;
+get_opt/get is get; server-side apply (Patch::Apply) is patch, plus create because an
+apply that creates the object is also authorised as a create; merge patches are patch;
+status is written by server-side apply on the status subresource. Nothing is
+cluster-scoped: the same rules go into one ClusterRole (every namespace) or into a Role
+per watched namespace. docs/install.md has this list as a table; keep the two together.
+*/}}
+{{- define "llmops.workloadRules" -}}
+# All five controllers watch their own kind; FineTuneJob, EvalRun and ModelDeployment
+# also watch the kinds they reference (Dataset, FineTuneJob, PromptVersion,
+# ModelDeployment), and every dereference step reads references by name (get).
+- apiGroups: ["llmops.dev"]
+  resources: ["datasets", "finetunejobs", "evalruns", "modeldeployments", "promptversions"]
+  verbs: ["get", "list", "watch"]
+# Every controller writes status by server-side apply (field manager llmops-operator).
+- apiGroups: ["llmops.dev"]
+  resources: ["datasets/status", "finetunejobs/status", "evalruns/status", "modeldeployments/status", "promptversions/status"]
+  verbs: ["patch"]
+# FineTuneJob controller: adds and removes its llmops.dev/checkpoint finalizer (merge patch).
+- apiGroups: ["llmops.dev"]
+  resources: ["finetunejobs"]
+  verbs: ["patch"]
+# ModelDeployment controller: applies the gate EvalRun of each candidate revision and
+# deletes those of revisions that neither serve nor wait.
+- apiGroups: ["llmops.dev"]
+  resources: ["evalruns"]
+  verbs: ["create", "patch", "delete"]
+# Dataset, FineTuneJob and EvalRun controllers: the worker Job (applied once, suspended
+# and resumed by merge patch, watched as an owned object).
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+# Dataset, FineTuneJob, EvalRun and ModelDeployment controllers: worker pods, for failure
+# reasons (unschedulable, image pull, OOMKilled), readiness and pod IPs.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list", "watch"]
+# Dataset, FineTuneJob and EvalRun controllers: the Secret <job>-token with the pinned
+# Assignment and token (read, else created). ModelDeployment controller: the pods' token
+# Secret and the operator-managed API key (read, else created), and a check that the
+# apiKeys Secret exists. Never listed or watched.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get", "create"]
+# PromptVersion controller: applies <name>-prompt and watches it as owned.
+# ModelDeployment controller: applies, reads, lists and deletes the ConfigMap of each revision.
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# ModelDeployment controller: applies the Service in front of the serving pods.
+- apiGroups: [""]
+  resources: ["services"]
+  verbs: ["create", "patch"]
+# ModelDeployment controller: applies, reads and watches the Deployment of serving pods.
+- apiGroups: ["apps"]
+  resources: ["deployments"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+# ModelDeployment controller: applies the HorizontalPodAutoscaler for spec.autoscaling,
+# and deletes it when autoscaling is removed.
+- apiGroups: ["autoscaling"]
+  resources: ["horizontalpodautoscalers"]
+  verbs: ["get", "create", "patch", "delete"]
+# ModelDeployment controller: watches its Service's EndpointSlices and lists them for a
+# ready address (--address-by-pod-ip).
+- apiGroups: ["discovery.k8s.io"]
+  resources: ["endpointslices"]
+  verbs: ["list", "watch"]
+# Every controller: events about its objects (reconcile errors, reason changes); the
+# recorder creates an event and patches it when it repeats.
+- apiGroups: ["events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+{{- end -}}
+
+{{/* Leader election (operator/src/leader.rs): the Lease in the release namespace. */}}
+{{- define "llmops.leaseRules" -}}
+# Leader election: the first replica creates the Lease (create cannot be limited by name).
+- apiGroups: ["coordination.k8s.io"]
+  resources: ["leases"]
+  verbs: ["create"]
+# Leader election: read, take, renew and release the Lease (a replace with the
+# resourceVersion read, so update).
+- apiGroups: ["coordination.k8s.io"]
+  resources: ["leases"]
+  resourceNames: [{{ include "llmops.leaseName" . | quote }}]
+  verbs: ["get", "update"]
+{{- end -}}
