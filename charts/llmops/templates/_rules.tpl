@@ -75,9 +75,28 @@ per watched namespace. docs/install.md has this list as a table; keep the two to
   verbs: ["create", "patch"]
 {{- end -}}
 
-{{/* Leader election (operator/src/leader.rs): the Lease in the release namespace. */}}
-{{- define "llmops.leaseRules" -}}
-# Leader election: the first replica creates the Lease (create cannot be limited by name).
+{{/*
+The operator's own namespace (the release namespace): the model resolver of
+operator/src/models.rs keeps its records, resolver Jobs and their token Secrets there,
+where tenants cannot write; with replicas > 1 the leader Lease lives there too.
+*/}}
+{{- define "llmops.ownNamespaceRules" -}}
+# Model resolver: the record of each resolution (llmops-model-<hash>): read, created,
+# merge-patched with the outcome, deleted to retry a failed one.
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["get", "create", "patch", "delete"]
+# Model resolver: the token Secret of each resolver Job (read, else applied).
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get", "create", "patch"]
+# Model resolver: the resolver Job (read, else applied).
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["get", "create", "patch"]
+{{- if include "llmops.leaderElect" . }}
+# Leader election (operator/src/leader.rs): the first replica creates the Lease (create
+# cannot be limited by name).
 - apiGroups: ["coordination.k8s.io"]
   resources: ["leases"]
   verbs: ["create"]
@@ -87,4 +106,5 @@ per watched namespace. docs/install.md has this list as a table; keep the two to
   resources: ["leases"]
   resourceNames: [{{ include "llmops.leaseName" . | quote }}]
   verbs: ["get", "update"]
+{{- end }}
 {{- end -}}
