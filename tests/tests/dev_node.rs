@@ -279,8 +279,14 @@ async fn the_whole_pipeline_runs_for_real_on_the_dev_node() -> Result<()> {
     assert!(ready(&status.common.conditions));
 
     // Every worker pod ran here as a process with its own loopback address, and ended 0.
+    // The result is acknowledged (and in status) before the worker exits, so the last pod
+    // may still be finishing when the EvalRun reads Succeeded: wait for all three to end.
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
-    let workers = pods.list(&ListParams::default().labels("llmops.dev/worker=true")).await?.items;
+    let workers = eventually("every worker pod to end", WAIT, || async {
+        let all = pods.list(&ListParams::default().labels("llmops.dev/worker=true")).await?.items;
+        Ok(all.iter().all(|p| exit_code(p).is_some()).then_some(all))
+    })
+    .await?;
     assert_eq!(workers.len(), 3, "one pod each for the Dataset, FineTuneJob and EvalRun");
     for pod in &workers {
         assert!(pod_ip(pod).starts_with("127.0.0."), "{}: {:?}", pod.name_any(), pod.status);
