@@ -15,7 +15,7 @@ pub mod validate;
 
 pub use file::{AssignmentFileError, parse_assignment, read_assignment, to_yaml};
 pub use v1::assignment::Mode;
-pub use v1::{Assignment, EvalAssignment, FinetuneAssignment, PrepareAssignment, ServeAssignment};
+pub use v1::{Assignment, EvalAssignment, FinetuneAssignment, PrepareAssignment, ResolveAssignment, ServeAssignment};
 pub use validate::{FieldError, Validate};
 
 /// The encoded FileDescriptorSet of the protocol (for gRPC reflection and tooling).
@@ -29,6 +29,7 @@ impl Mode {
             Mode::Finetune(_) => "finetune",
             Mode::Eval(_) => "eval",
             Mode::Serve(_) => "serve",
+            Mode::Resolve(_) => "resolve",
         }
     }
 }

@@ -161,11 +161,12 @@ impl Validate for Assignment {
             }
         }
         match &self.mode {
-            None => c.fail("", "exactly one of prepare, finetune, eval or serve must be set"),
+            None => c.fail("", "exactly one of prepare, finetune, eval, serve or resolve must be set"),
             Some(Mode::Prepare(p)) => prepare(&mut c, p),
             Some(Mode::Finetune(f)) => finetune(&mut c, f),
             Some(Mode::Eval(e)) => eval(&mut c, e),
             Some(Mode::Serve(s)) => serve(&mut c, s),
+            Some(Mode::Resolve(r)) => resolve(&mut c, r),
         }
         c.finish()
     }
@@ -390,6 +391,14 @@ fn serve(c: &mut Checker, s: &ServeAssignment) {
     if let Some(p) = &s.prompt {
         c.generation("serve.prompt.parameters", p.parameters.as_ref());
     }
+}
+
+fn resolve(c: &mut Checker, r: &v1::ResolveAssignment) {
+    c.artifact("resolve.source", r.source.as_ref());
+    let cache_ok = !r.cache.is_empty()
+        && !r.cache.starts_with('/')
+        && r.cache.split('/').all(|part| !part.is_empty() && part != "." && part != "..");
+    c.check(cache_ok, "resolve.cache", "must be a relative store key without empty, . or .. segments");
 }
 
 /// Joins errors into one message, one per line.

@@ -74,8 +74,13 @@ fn errors_of(yaml: &str) -> Vec<String> {
 #[test]
 fn invalid_assignments_name_the_field() {
     let cases = [
-        ("{}", "exactly one of prepare, finetune, eval or serve"),
+        ("{}", "exactly one of prepare, finetune, eval, serve or resolve"),
         ("finetune:\n  method: qlora\n", "finetune.method: must be one of lora, full, got \"qlora\""),
+        (
+            "resolve:\n  source: {uri: \"https://h/m.gguf\"}\n  cache: ../models\n",
+            "resolve.cache: must be a relative store key",
+        ),
+        ("resolve:\n  cache: models\n", "resolve.source: is required"),
         (
             "finetune:\n  method: lora\n  hyperparameters: {epochs: 1, batchSize: 1, gradientAccumulationSteps: 1, learningRate: -0.1, lrSchedule: cosine, maxSeqLength: 64, evalInterval: 1}\n",
             "finetune.hyperparameters.learningRate: must be greater than 0",

@@ -228,7 +228,7 @@ fn output_uri(assignment: &Assignment) -> Option<String> {
         Mode::Prepare(p) => p.output.as_ref(),
         Mode::Finetune(f) => f.output.as_ref(),
         Mode::Eval(e) => e.output.as_ref(),
-        Mode::Serve(_) => None,
+        Mode::Serve(_) | Mode::Resolve(_) => None,
     };
     output.map(|o| o.uri.clone())
 }
@@ -237,6 +237,20 @@ fn output_uri(assignment: &Assignment) -> Option<String> {
 /// it) with the sha256 of its manifest.json (read where the mode wrote it, `ran`), the
 /// figures, and the manifest (for eval, results.json) verbatim.
 fn result_event(assignment: &Assignment, ran: &Assignment, outcome: &Value) -> Result<Event> {
+    if let Some(Mode::Resolve(_)) = assignment.mode {
+        // The cache entry and its digest; the record is the manifest.
+        let text = |k: &str| outcome[k].as_str().map(String::from).with_context(|| format!("the resolver gave no {k}"));
+        let mut metrics = BTreeMap::new();
+        if let Some(bytes) = outcome["bytes"].as_f64() {
+            metrics.insert("bytes".to_string(), bytes);
+        }
+        return Ok(Event::Result(v1::Result {
+            artifact: Some(v1::Artifact { uri: text("uri")?, sha256: text("sha256")? }),
+            metrics: metrics.into_iter().collect(),
+            manifest_json: serde_json::to_string(outcome)?,
+            passed: None,
+        }));
+    }
     let uri = output_uri(assignment).context("the assignment has no output")?;
     let written = output_uri(ran).context("the assignment has no output")?;
     let dir = local_path(&written, ran.store.as_ref())?;
@@ -276,6 +290,8 @@ fn failure_event(error: &anyhow::Error) -> Event {
     let message = format!("{error:#}");
     let (reason, retryable) = if let Some(e) = error.downcast_ref::<crate::eval::EvalFailure>() {
         (e.reason.to_string(), false)
+    } else if let Some(e) = error.downcast_ref::<crate::resolve::ResolveFailure>() {
+        (e.reason.to_string(), false)
     } else if let Some(i) = error.downcast_ref::<Interrupted>() {
         match i {
             Interrupted::Cancelled(_) => ("Cancelled".to_string(), false),
@@ -297,6 +313,7 @@ fn run_mode(assignment: &Assignment) -> Result<Option<Value>> {
         Some(Mode::Prepare(_)) => crate::prepare::run(assignment).map(Some),
         Some(Mode::Finetune(_)) => crate::finetune::run(assignment).map(Some),
         Some(Mode::Eval(_)) => crate::eval::run(assignment).map(Some),
+        Some(Mode::Resolve(_)) => crate::resolve::run(assignment).map(Some),
         Some(Mode::Serve(_)) => {
             report::phase("Serving", "serving the model");
             crate::serve::run_with(assignment, crate::serve::Options::AGENT).map(|()| None)

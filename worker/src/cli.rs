@@ -615,6 +615,11 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         Some(Mode::Eval(_)) => return eval(&assignment),
+        Some(Mode::Resolve(_)) => {
+            let record = llmops_worker::resolve::run(&assignment)?;
+            println!("{}", serde_json::to_string_pretty(&record)?);
+            return Ok(ExitCode::SUCCESS);
+        }
         None => {}
     }
     bail!("the assignment names no mode")

@@ -8,6 +8,7 @@ pub mod eval;
 pub mod finetune;
 pub mod prepare;
 pub mod report;
+pub mod resolve;
 pub mod serve;
 pub mod staging;
 pub mod store;

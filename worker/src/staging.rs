@@ -108,6 +108,27 @@ impl Bucket {
         Ok(true)
     }
 
+    /// Whether the object `key` exists.
+    pub async fn exists(&self, key: &str) -> Result<bool> {
+        let path = self.path(key);
+        match self.store.head(&path).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e).with_context(|| format!("s3://{}/{path}", self.name)),
+        }
+    }
+
+    /// Uploads `file` as the object `key`, replacing what is there.
+    pub async fn put(&self, file: &Path, key: &str) -> Result<()> {
+        let path = self.path(key);
+        let bytes = tokio::fs::read(file).await.with_context(|| format!("reading {}", file.display()))?;
+        self.store
+            .put(&path, bytes.into())
+            .await
+            .with_context(|| format!("uploading {} to s3://{}/{path}", file.display(), self.name))?;
+        Ok(())
+    }
+
     /// The keys of every object under `key/`, relative to it, sorted.
     pub async fn list(&self, key: &str) -> Result<Vec<String>> {
         let path = self.path(key);
@@ -280,6 +301,8 @@ pub async fn stage(assignment: &Assignment, scratch: &Path) -> Result<Option<Sta
                 staged.store = assignment.store.clone();
             }
         }
+        // The resolver reads its source and writes the cache itself.
+        Some(Mode::Resolve(_)) => return Ok(None),
         None => bail!("the assignment names no mode"),
     }
     for uri in input_uris {

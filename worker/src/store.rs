@@ -112,7 +112,10 @@ pub fn stage(uri: &str, scratch: &std::path::Path) -> Result<PathBuf> {
             } else {
                 let (scheme, rest) = uri.split_once("://").unwrap_or(("https", uri));
                 let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
-                let options = object_store::ClientOptions::new().with_allow_http(scheme == "http");
+                let mut options = object_store::ClientOptions::new().with_allow_http(scheme == "http");
+                for certificate in extra_roots()? {
+                    options = options.with_root_certificate(certificate);
+                }
                 let store = object_store::http::HttpBuilder::new()
                     .with_url(format!("{scheme}://{host}"))
                     .with_client_options(options)
@@ -136,6 +139,18 @@ pub fn stage(uri: &str, scratch: &std::path::Path) -> Result<PathBuf> {
         }
         Ok(if single { scratch.join(keys[0].filename().unwrap_or("object")) } else { scratch.to_path_buf() })
     })
+}
+
+/// Environment variable naming a PEM bundle of extra CA certificates that https
+/// downloads trust besides the system's (a registry behind a private CA).
+pub const CA_FILE_ENV: &str = "LLMOPS_CA_FILE";
+
+fn extra_roots() -> Result<Vec<object_store::Certificate>> {
+    let Some(path) = std::env::var(CA_FILE_ENV).ok().filter(|p| !p.is_empty()) else { return Ok(Vec::new()) };
+    let local = mapped(&path);
+    let pem = std::fs::read(&local).with_context(|| format!("{CA_FILE_ENV}: reading {}", local.display()))?;
+    object_store::Certificate::from_pem_bundle(&pem)
+        .map_err(|e| anyhow::anyhow!("{CA_FILE_ENV}: {} holds no usable PEM certificates: {e}", local.display()))
 }
 
 async fn download(
@@ -164,6 +179,49 @@ pub fn files_digest<'a>(files: impl IntoIterator<Item = (&'a str, &'a str)>) -> 
         hasher.update(format!("{name} {sha}\n").as_bytes());
     }
     hex::encode(hasher.finalize())
+}
+
+/// The digest a directory artifact is pinned by: the sha256 of its manifest.json when it
+/// has one (every output of a job does), else [`files_digest`] over its files at any
+/// depth, named relative to it with `/`.
+pub fn dir_digest(dir: &std::path::Path) -> Result<String> {
+    let manifest = dir.join("manifest.json");
+    if manifest.is_file() {
+        return file_sha256(&manifest);
+    }
+    let mut files = Vec::new();
+    for (path, name) in files_under(dir)? {
+        files.push((name, file_sha256(&path)?));
+    }
+    Ok(files_digest(files.iter().map(|(n, s)| (n.as_str(), s.as_str()))))
+}
+
+/// Every regular file under `dir` (hidden names skipped), as (path, name relative to
+/// `dir` with `/`), sorted by name. Symbolic links are not followed.
+pub fn files_under(dir: &std::path::Path) -> Result<Vec<(PathBuf, String)>> {
+    fn walk(root: &std::path::Path, dir: &std::path::Path, out: &mut Vec<(PathBuf, String)>) -> Result<()> {
+        for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                continue;
+            }
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                walk(root, &entry.path(), out)?;
+            } else if kind.is_file() {
+                let path = entry.path();
+                let relative = path.strip_prefix(root).unwrap_or(&path);
+                let name = relative.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/");
+                out.push((path, name));
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out)?;
+    out.sort_by(|a, b| a.1.cmp(&b.1));
+    Ok(out)
 }
 
 /// sha256 of a file, lowercase hex, read in 1 MiB blocks.

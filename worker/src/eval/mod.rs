@@ -26,7 +26,7 @@ use self::samples::{Input, Sample};
 use self::target::{Endpoint, Local, RequestFailure, Settings};
 use crate::engine::{self, Adapter, WeightFormat};
 use crate::report::{self, Report};
-use crate::store::{file_sha256, files_digest, local_path};
+use crate::store::{dir_digest, file_sha256, files_digest, local_path};
 
 /// Bootstrap resamples behind every confidence interval.
 const RESAMPLES: usize = 1000;
@@ -136,24 +136,6 @@ fn truncate(text: &str) -> String {
     let mut cut: String = text.chars().take(SHOWN_CHARS).collect();
     cut.push('…');
     cut
-}
-
-/// The digest of a directory artifact: its manifest.json's sha256 when it has one, else
-/// a digest over its files.
-fn dir_digest(dir: &Path) -> Result<String> {
-    let manifest = dir.join("manifest.json");
-    if manifest.is_file() {
-        return file_sha256(&manifest);
-    }
-    let mut files: Vec<(String, String)> = Vec::new();
-    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
-        let entry = entry?;
-        if entry.file_type()?.is_file() {
-            files.push((entry.file_name().to_string_lossy().into_owned(), file_sha256(&entry.path())?));
-        }
-    }
-    files.sort();
-    Ok(files_digest(files.iter().map(|(n, s)| (n.as_str(), s.as_str()))))
 }
 
 /// The digest a split file is pinned by: the file's own sha256, or its Dataset's (the
