@@ -85,10 +85,33 @@ pub struct RunArgs {
     /// Name of the leader Lease.
     #[arg(long, default_value = "llmops-operator")]
     pub leader_election_lease: String,
+    /// Namespace of the operator's own workloads: the model resolver Jobs and the records
+    /// of resolved models (default: the pod's, from POD_NAMESPACE). Tenants must not be
+    /// able to write there.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "llmops-system")]
+    pub resolver_namespace: String,
+    /// ConfigMap in the resolver namespace whose key ca.crt holds extra CA certificates
+    /// (PEM) that model downloads over https trust, for registries behind a private CA.
+    #[arg(long, value_name = "CONFIGMAP")]
+    pub ca_bundle_configmap: Option<String>,
+    /// Node label (KEY=VALUE) resolver pods must match; repeat for several.
+    #[arg(long, value_name = "KEY=VALUE", value_delimiter = ',', value_parser = parse_label)]
+    pub resolver_node_selector: Vec<(String, String)>,
+    /// Taint key resolver pods tolerate (any value, any effect); repeat for several.
+    #[arg(long, value_name = "KEY", value_delimiter = ',')]
+    pub resolver_toleration: Vec<String>,
     /// This replica's identity in the Lease (default: POD_NAME, else the host name, with
     /// a random suffix).
     #[arg(long, env = "POD_NAME")]
     pub leader_election_identity: Option<String>,
+}
+
+/// Parses a node label selector term, KEY=VALUE.
+pub fn parse_label(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.trim().to_string())),
+        _ => Err(format!("{text:?} is not KEY=VALUE")),
+    }
 }
 
 /// Parses "500ms", "2s", "3m" or a plain number of seconds.
@@ -175,6 +198,14 @@ pub struct Config {
     pub leader_election: Option<crate::leader::LeaderElection>,
     /// Address ModelDeployments by a ready pod's IP instead of their Service's DNS name.
     pub address_by_pod_ip: bool,
+    /// Namespace of the model resolver Jobs and the records of resolved models.
+    pub resolver_namespace: String,
+    /// ConfigMap (in the resolver namespace) with extra CA certificates for downloads.
+    pub ca_bundle_configmap: Option<String>,
+    /// Node labels resolver pods must match.
+    pub resolver_node_selector: std::collections::BTreeMap<String, String>,
+    /// Taint keys resolver pods tolerate.
+    pub resolver_tolerations: Vec<String>,
 }
 
 impl Config {
@@ -194,6 +225,10 @@ impl Config {
             checkpoint_grace: Duration::from_secs(120),
             leader_election: None,
             address_by_pod_ip: false,
+            resolver_namespace: "llmops-system".into(),
+            ca_bundle_configmap: None,
+            resolver_node_selector: Default::default(),
+            resolver_tolerations: Vec::new(),
         }
     }
 }
@@ -245,6 +280,10 @@ impl From<&RunArgs> for Config {
                 )
             }),
             address_by_pod_ip: args.address_by_pod_ip,
+            resolver_namespace: args.resolver_namespace.clone(),
+            ca_bundle_configmap: args.ca_bundle_configmap.clone().filter(|c| !c.is_empty()),
+            resolver_node_selector: args.resolver_node_selector.iter().cloned().collect(),
+            resolver_tolerations: args.resolver_toleration.iter().filter(|t| !t.is_empty()).cloned().collect(),
         }
     }
 }

@@ -1,7 +1,7 @@
 //! What every reconcile gets: the client, the configuration, metrics, the gateway and
 //! the event recorder.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -12,6 +12,9 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use crate::config::Config;
 use crate::gateway::Gateway;
 use crate::metrics::Metrics;
+
+/// An object waiting for something to settle: (kind, namespace, name).
+pub type Waiter = (String, String, String);
 
 /// Shared state of the controllers.
 pub struct Context {
@@ -27,6 +30,8 @@ pub struct Context {
     pub recorder: Recorder,
     /// When a checkpoint-and-stop was asked of a workload's worker, by uid.
     pub stop_requests: Mutex<HashMap<String, Instant>>,
+    /// Objects waiting for a model resolution, by record name.
+    pub model_waiters: Mutex<HashMap<String, BTreeSet<Waiter>>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -46,6 +51,7 @@ impl Context {
             metrics,
             gateway,
             stop_requests: Mutex::new(HashMap::new()),
+            model_waiters: Mutex::new(HashMap::new()),
         }
     }
 

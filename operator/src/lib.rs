@@ -14,6 +14,7 @@ pub mod gateway;
 pub mod job;
 pub mod leader;
 pub mod metrics;
+pub mod models;
 pub mod pods;
 pub mod status;
 pub mod workload;

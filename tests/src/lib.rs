@@ -5,6 +5,7 @@
 
 pub mod dev_node;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -375,6 +376,14 @@ impl Operator {
         let store: PathBuf = std::env::temp_dir().join(format!("llmops-store-{namespace}"));
         let mut config = Config::new(addr.parse()?, addr.clone());
         config.namespaces = vec![namespace.to_string()];
+        config.resolver_namespace = namespace.to_string();
+        // Resolver pods go to the development node of the namespace when a test starts one
+        // (`dev-<namespace>`); elsewhere they stay pending and a test runs them itself.
+        config.resolver_node_selector = BTreeMap::from([
+            (dev_node::NODE_LABEL.to_string(), "true".to_string()),
+            ("kubernetes.io/hostname".to_string(), format!("dev-{namespace}")),
+        ]);
+        config.resolver_tolerations = vec![dev_node::NODE_TAINT.to_string()];
         config.store = StoreConfig::Local { mount_path: store.clone(), volume: StoreVolume::HostPath(store) };
         config.progress_interval = Duration::from_millis(200);
         config.checkpoint_grace = Duration::from_secs(3);

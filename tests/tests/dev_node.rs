@@ -287,7 +287,22 @@ async fn the_whole_pipeline_runs_for_real_on_the_dev_node() -> Result<()> {
         Ok(all.iter().all(|p| exit_code(p).is_some()).then_some(all))
     })
     .await?;
-    assert_eq!(workers.len(), 3, "one pod each for the Dataset, FineTuneJob and EvalRun");
+    let kinds: Vec<String> = {
+        let mut k: Vec<String> = workers.iter().filter_map(|p| p.labels().get("llmops.dev/kind").cloned()).collect();
+        k.sort();
+        k
+    };
+    // The FineTuneJob and the EvalRun read the same base model: it was resolved once.
+    assert_eq!(kinds, ["Dataset", "EvalRun", "FineTuneJob", "ModelResolution"], "one pod each");
+    let digest = llmops_worker::store::dir_digest(&store.join("imports/tiny"))?;
+    let model_input = |inputs: &[llmops_crds::LineageInput]| {
+        inputs.iter().find(|i| i.kind == "Model").map(|i| (i.name.clone(), i.sha256.clone()))
+    };
+    let expected = Some(("store://imports/tiny/".to_string(), digest.clone()));
+    assert_eq!(model_input(&ft_status.lineage.clone().context("lineage")?.inputs), expected);
+    let evaluated = status.evaluated.clone().context("evaluated")?;
+    assert_eq!(evaluated.model_digest.as_deref(), Some(digest.as_str()), "the EvalRun read the same cached copy");
+    assert!(store.join(format!("models/sha256-{digest}/config.json")).is_file(), "the cached copy");
     for pod in &workers {
         assert!(pod_ip(pod).starts_with("127.0.0."), "{}: {:?}", pod.name_any(), pod.status);
         assert_eq!(exit_code(pod), Some(0), "{}", log_of(&node, pod));

@@ -275,6 +275,9 @@ async fn a_failing_worker_shows_its_reason() -> Result<()> {
 async fn finetune_waits_for_its_dataset_then_runs_on_a_gpu_node() -> Result<()> {
     let (client, ns) = namespace_with_crds("op-finetune").await?;
     let op = Operator::start(&client, &ns.name).await?;
+    let store = TestStore::Local(store_of(&op.config)?);
+    stand_in_model(&store).await?;
+    let _resolvers = run_resolvers(&client, &ns.name, &store);
     let mut ftj = example("finetunejob.yaml")?;
     ftj["spec"]["resources"] = serde_json::json!({"gpus": 1, "cpu": "2", "memory": "6Gi"});
     apply(&client, &ns.name, &ftj).await?;
@@ -356,6 +359,9 @@ async fn finetune_waits_for_its_dataset_then_runs_on_a_gpu_node() -> Result<()> 
 async fn an_unschedulable_finetune_shows_the_schedulers_message() -> Result<()> {
     let (client, ns) = namespace_with_crds("op-unschedulable").await?;
     let op = Operator::start(&client, &ns.name).await?;
+    let store = TestStore::Local(store_of(&op.config)?);
+    stand_in_model(&store).await?;
+    let _resolvers = run_resolvers(&client, &ns.name, &store);
     ready_dataset(&client, &ns.name, &op).await?;
     // gpus is at most 1 (CEL), so ask for a GPU model no node has.
     let mut ftj = example("finetunejob.yaml")?;
@@ -420,6 +426,9 @@ async fn an_operator_restart_mid_job_continues_without_duplicates() -> Result<()
 async fn the_pipeline_applied_in_reverse_order_converges() -> Result<()> {
     let (client, ns) = namespace_with_crds("op-pipeline").await?;
     let op = Operator::start(&client, &ns.name).await?;
+    let store = TestStore::Local(store_of(&op.config)?);
+    stand_in_model(&store).await?;
+    let _resolvers = run_resolvers(&client, &ns.name, &store);
     for file in ["evalrun.yaml", "finetunejob.yaml", "promptversion.yaml"] {
         apply(&client, &ns.name, &example(file)?).await?;
     }
@@ -580,6 +589,51 @@ impl Drop for Agent {
     }
 }
 
+/// Runs each model resolver pod of the test's namespace with a real agent, as a node
+/// would (the resolver pods wait for a development node that these tests do not start).
+/// Stops them when dropped.
+struct Resolvers(tokio::task::JoinHandle<()>);
+
+impl Drop for Resolvers {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn run_resolvers(client: &Client, ns: &str, store: &TestStore) -> Resolvers {
+    let (client, ns, store) = (client.clone(), ns.to_string(), store.clone());
+    Resolvers(tokio::spawn(async move {
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+        let mut agents: Vec<Agent> = Vec::new();
+        let mut started = std::collections::BTreeSet::new();
+        loop {
+            let listed = pods.list(&ListParams::default().labels("llmops.dev/kind=ModelResolution")).await;
+            for pod in listed.map(|l| l.items).unwrap_or_default() {
+                let Some(record) = pod.labels().get("llmops.dev/name").cloned() else { continue };
+                if started.contains(&pod.name_any()) {
+                    continue;
+                }
+                let env = store.env(&pod.name_any());
+                let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                if let Ok(agent) = Agent::start_with_env(&client, &ns, &pod, &format!("{record}-token"), &env).await {
+                    started.insert(pod.name_any());
+                    agents.push(agent);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }))
+}
+
+/// Puts stand-in bytes where the examples' base model is expected: the tests that play
+/// the worker never load it, but the resolver copies and digests what is there.
+async fn stand_in_model(store: &TestStore) -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("llmops-stand-in-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("SmolLM2-135M-Instruct.Q4_1.gguf"), b"stand-in weights; never loaded")?;
+    store.put_dir(&dir, "imports").await
+}
+
 async fn scrape(addr: &std::net::SocketAddr) -> Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await?;
@@ -649,6 +703,7 @@ async fn a_real_agent_prepares_the_dataset_and_its_digest_reaches_the_status() -
 }
 
 /// Where a test's store is, as the test sees it.
+#[derive(Clone)]
 enum TestStore {
     /// A directory (the pods' hostPath).
     Local(PathBuf),
@@ -764,6 +819,7 @@ async fn suspend_resume_delete(client: &Client, ns: &str, store: &TestStore) -> 
     let tiny = std::env::temp_dir().join(format!("llmops-tiny-{ns}"));
     llmops_worker::engine::tiny::write_tiny_llama(&tiny, &smol, 3)?;
     store.put_dir(&tiny, "imports/tiny").await?;
+    let _resolvers = run_resolvers(&client, ns, store);
     let mut ftj = example("finetunejob.yaml")?;
     ftj["spec"]["model"] = serde_json::json!({"uri": "store://imports/tiny/", "format": "hf"});
     ftj["spec"]["dataset"] = serde_json::json!({"name": "acme-facts"});
@@ -947,6 +1003,7 @@ async fn with_an_s3_store_the_agent_stages_inputs_and_uploads_the_output() -> Re
             )
         })
         .collect();
+    let rows_sha = hex::encode(sha2::Sha256::digest(rows.as_bytes()));
     bucket.put(&"llmops/imports/sums.jsonl".into(), rows.into_bytes().into()).await?;
 
     let op = Operator::start_configured(&client, &ns.name, |c| c.store = s3.store_config("artifacts")).await?;
@@ -985,6 +1042,11 @@ async fn with_an_s3_store_the_agent_stages_inputs_and_uploads_the_output() -> Re
     assert_eq!(artifact.sha256, hex::encode(sha2::Sha256::digest(&manifest)), "the status pins the uploaded manifest");
     let manifest: Value = serde_json::from_slice(&manifest)?;
     assert_eq!(manifest["counts"]["read"], 12, "{manifest:#}");
+    // The source URI's digest, as the worker read it (over its files' digests), is in the lineage.
+    let source =
+        status.lineage.context("lineage")?.inputs.into_iter().find(|i| i.kind == "Uri").context("Uri input")?;
+    assert_eq!(source.name, "store://imports/sums.jsonl");
+    assert_eq!(source.sha256, hex::encode(sha2::Sha256::digest(rows_sha.as_bytes())));
     bucket.head(&format!("llmops/{key}/train.parquet").as_str().into()).await.context("train.parquet was uploaded")?;
     op.stop().await;
     Ok(())
@@ -1131,6 +1193,7 @@ async fn a_real_agent_rides_out_an_operator_restart_and_its_result_lands() -> Re
     let tiny = std::env::temp_dir().join(format!("llmops-tiny-{}", ns.name));
     llmops_worker::engine::tiny::write_tiny_llama(&tiny, &smol, 5)?;
     store.put_dir(&tiny, "imports/tiny").await?;
+    let _resolvers = run_resolvers(&client, &ns.name, &store);
     let mut ftj = example("finetunejob.yaml")?;
     ftj["spec"]["model"] = serde_json::json!({"uri": "store://imports/tiny/", "format": "hf"});
     ftj["spec"]["dataset"] = serde_json::json!({"name": "acme-facts"});

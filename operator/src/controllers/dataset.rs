@@ -14,6 +14,7 @@ use crate::assignment::{self, ResolvedDatasetInputs};
 use crate::context::Context;
 use crate::error::Result;
 use crate::gateway::Observed;
+use crate::models::Requester;
 use crate::status::BatchState;
 use crate::workload::WorkloadKey;
 
@@ -41,8 +42,11 @@ impl BatchKind for Dataset {
             lineage.inputs.push(LineageInput { kind: "Uri".into(), name: uri.clone(), sha256: String::new() });
         }
         if let Some(ts) = &self.spec.token_stats {
-            match resolve_model(ctx, &key.namespace, &ts.model).await? {
-                Ok((model, _)) => inputs.tokenizer = Some(model),
+            match resolve_model(ctx, Requester::of(key), &ts.model).await? {
+                Ok((model, input)) => {
+                    inputs.tokenizer = Some(model);
+                    lineage.inputs.push(input);
+                }
                 Err(plan) => return Ok(plan),
             }
         }
@@ -60,6 +64,14 @@ impl BatchKind for Dataset {
         }
         if let Ok(manifest) = serde_json::from_str::<Value>(&result.manifest_json) {
             apply_manifest(status, &manifest);
+            // A source read from a URI is digested by the worker as it reads it.
+            if let (Some(lineage), Some(sha)) =
+                (status.lineage.as_mut(), manifest["inputs"]["source"]["sha256"].as_str())
+            {
+                for input in lineage.inputs.iter_mut().filter(|i| i.kind == "Uri" && i.sha256.is_empty()) {
+                    input.sha256 = sha.to_string();
+                }
+            }
         }
     }
 }

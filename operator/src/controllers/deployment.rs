@@ -43,6 +43,7 @@ use crate::conditions::{self, Health};
 use crate::context::Context;
 use crate::error::{AtStep, Error, ReconcileError, Result, Step};
 use crate::job::{self, SecretFile, TOKEN_KEY};
+use crate::models::Requester;
 use crate::workload::{FIELD_MANAGER, WORKER_LABEL, WorkloadKey, owner_reference};
 
 /// Label of serving pods and revision ConfigMaps and gate EvalRuns: the revision.
@@ -133,20 +134,58 @@ async fn dereference(ctx: &Context, md: &ModelDeployment, ns: &str) -> Result<st
         };
     }
     let spec = &md.spec;
-    let (model, model_lineage) = ready!(resolve_model(ctx, ns, &spec.model).await?);
+    let name = md.name_any();
+    let requester = Requester { kind: "ModelDeployment", namespace: ns, name: &name };
+    // What is cheap to check (and can make the spec unservable) comes before the model,
+    // whose first resolution downloads it.
+    let (prompt, prompt_lineage) = match &spec.prompt {
+        None => (None, None),
+        Some(r) => {
+            let (p, input) = ready!(resolve_prompt(ctx, ns, &r.name).await?);
+            let api: Api<llmops_crds::PromptVersion> = Api::namespaced(ctx.client.clone(), ns);
+            if let Some(pv) = api.get_opt(&r.name).await?
+                && let Err(e) = pv.spec.served_messages()
+            {
+                return Ok(Err(Plan::invalid(
+                    "PromptNotServable",
+                    format!("PromptVersion {} cannot be served: {e}; give the variable a default", r.name),
+                )));
+            }
+            (Some(p), Some(input))
+        }
+    };
+    if let Some(keys) = &spec.api_keys {
+        let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+        match secrets.get_opt(&keys.name).await? {
+            None => {
+                return Ok(Err(Plan::wait(
+                    "ApiKeySecretNotFound",
+                    format!("Secret {} (apiKeys) does not exist in namespace {ns}", keys.name),
+                )));
+            }
+            Some(s) => {
+                if let Some(k) = &keys.key
+                    && !s.data.as_ref().is_some_and(|d| d.contains_key(k))
+                {
+                    return Ok(Err(Plan::wait("ApiKeySecretNotFound", format!("Secret {} has no key {k}", keys.name))));
+                }
+            }
+        }
+    }
+    let (model, model_lineage) = ready!(resolve_model(ctx, requester, &spec.model).await?);
     let mut adapters = Vec::new();
     let mut adapter_lineage = Vec::new();
     for a in &spec.adapters {
         match (&a.source.uri, &a.source.fine_tune_job) {
             (Some(uri), _) => {
-                let sha256 = a.source.sha256.clone().unwrap_or_default();
-                adapters.push((a.name.clone(), v1::Artifact { uri: uri.clone(), sha256: sha256.clone() }));
+                let cached = ready!(crate::models::resolve(ctx, requester, uri, a.source.sha256.as_deref()).await?);
                 adapter_lineage.push(AdapterLineage {
                     name: a.name.clone(),
-                    sha256,
+                    sha256: cached.sha256.clone(),
                     uri: Some(uri.clone()),
                     ..Default::default()
                 });
+                adapters.push((a.name.clone(), cached));
             }
             (None, Some(job_name)) => {
                 let job = ready!(finished_job(ctx, ns, job_name).await?);
@@ -185,40 +224,6 @@ async fn dereference(ctx: &Context, md: &ModelDeployment, ns: &str) -> Result<st
                     "InvalidAdapter",
                     format!("adapter {} sets neither uri nor fineTuneJob", a.name),
                 )));
-            }
-        }
-    }
-    let (prompt, prompt_lineage) = match &spec.prompt {
-        None => (None, None),
-        Some(r) => {
-            let (p, input) = ready!(resolve_prompt(ctx, ns, &r.name).await?);
-            let api: Api<llmops_crds::PromptVersion> = Api::namespaced(ctx.client.clone(), ns);
-            if let Some(pv) = api.get_opt(&r.name).await?
-                && let Err(e) = pv.spec.served_messages()
-            {
-                return Ok(Err(Plan::invalid(
-                    "PromptNotServable",
-                    format!("PromptVersion {} cannot be served: {e}; give the variable a default", r.name),
-                )));
-            }
-            (Some(p), Some(input))
-        }
-    };
-    if let Some(keys) = &spec.api_keys {
-        let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-        match secrets.get_opt(&keys.name).await? {
-            None => {
-                return Ok(Err(Plan::wait(
-                    "ApiKeySecretNotFound",
-                    format!("Secret {} (apiKeys) does not exist in namespace {ns}", keys.name),
-                )));
-            }
-            Some(s) => {
-                if let Some(k) = &keys.key
-                    && !s.data.as_ref().is_some_and(|d| d.contains_key(k))
-                {
-                    return Ok(Err(Plan::wait("ApiKeySecretNotFound", format!("Secret {} has no key {k}", keys.name))));
-                }
             }
         }
     }
@@ -493,10 +498,15 @@ pub fn build_gate(
         },
     };
     let adapter = promotion.model.as_ref().and_then(|name| {
-        resolved.adapters.iter().find(|(n, _)| n == name).map(|(_, a)| AdapterSource {
-            uri: Some(a.uri.clone()),
-            fine_tune_job: None,
-            sha256: (!a.sha256.is_empty()).then(|| a.sha256.clone()),
+        let job = md.spec.adapters.iter().find(|a| &a.name == name).and_then(|a| a.source.fine_tune_job.clone());
+        resolved.adapters.iter().find(|(n, _)| n == name).map(|(_, a)| match job {
+            // The adapter's FineTuneJob, as the deployment names it (its lineage follows).
+            Some(job) => AdapterSource { uri: None, fine_tune_job: Some(job), sha256: None },
+            None => AdapterSource {
+                uri: Some(a.uri.clone()),
+                fine_tune_job: None,
+                sha256: (!a.sha256.is_empty()).then(|| a.sha256.clone()),
+            },
         })
     });
     let mut evaluation = promotion.gate.clone();

@@ -24,6 +24,7 @@ use crate::context::Context;
 use crate::error::Result;
 use crate::gateway::Observed;
 use crate::job::SecretFile;
+use crate::models::Requester;
 use crate::status::BatchState;
 use crate::workload::{WorkloadKey, join_uri};
 
@@ -54,13 +55,21 @@ impl BatchKind for EvalRun {
         let mut secret_files = Vec::new();
         let t = &spec.target;
         let target = if let Some(model) = &t.model {
-            let (model, model_lineage) = ready_or_wait!(resolve_model(ctx, ns, model).await?);
+            let requester = Requester::of(key);
+            let (model, model_lineage) = ready_or_wait!(resolve_model(ctx, requester, model).await?);
             lineage.inputs.push(model_lineage);
             let adapter = match &t.adapter {
                 None => None,
                 Some(a) => match (&a.uri, &a.fine_tune_job) {
                     (Some(uri), _) => {
-                        Some(v1::Artifact { uri: uri.clone(), sha256: a.sha256.clone().unwrap_or_default() })
+                        let cached =
+                            ready_or_wait!(crate::models::resolve(ctx, requester, uri, a.sha256.as_deref()).await?);
+                        lineage.inputs.push(LineageInput {
+                            kind: "Adapter".into(),
+                            name: uri.clone(),
+                            sha256: cached.sha256.clone(),
+                        });
+                        Some(cached)
                     }
                     (None, Some(job)) => {
                         let job = ready_or_wait!(finished_job(ctx, ns, job).await?);

@@ -13,6 +13,7 @@ use crate::assignment;
 use crate::context::Context;
 use crate::error::Result;
 use crate::gateway::Observed;
+use crate::models::Requester;
 use crate::status::{BatchState, format_eta};
 use crate::workload::WorkloadKey;
 
@@ -30,7 +31,7 @@ impl BatchKind for FineTuneJob {
             Ok(d) => d,
             Err(plan) => return Ok(plan),
         };
-        let (model, model_lineage) = match resolve_model(ctx, &key.namespace, &self.spec.model).await? {
+        let (model, model_lineage) = match resolve_model(ctx, Requester::of(key), &self.spec.model).await? {
             Ok(m) => m,
             Err(plan) => return Ok(plan),
         };

@@ -31,6 +31,7 @@ use crate::assignment::{ResolvedDataset, model_from_uri};
 use crate::conditions;
 use crate::context::Context;
 use crate::error::{ReconcileError, Result};
+use crate::models::Requester;
 use crate::workload::{MANAGED_BY, WORKLOAD_ANNOTATION, WorkloadKey};
 use batch::Plan;
 
@@ -58,16 +59,25 @@ pub fn spec_hash<T: Serialize>(spec: &T) -> String {
     hex::encode(Sha256::digest(serde_json::to_vec(spec).unwrap_or_default()))
 }
 
-/// A model source resolved to the protocol's Model, or what to wait for.
+/// A model source resolved to the protocol's Model, or what to wait for. A model given by
+/// URI is read from the model cache, where the resolver copies it once (see
+/// [`crate::models`]); its lineage records the digest found there.
 pub async fn resolve_model(
     ctx: &Context,
-    namespace: &str,
+    requester: Requester<'_>,
     source: &ModelSource,
 ) -> Result<std::result::Result<(v1::Model, LineageInput), Plan>> {
+    let namespace = requester.namespace;
     if let Some(uri) = &source.uri {
-        let lineage =
-            LineageInput { kind: "Model".into(), name: uri.clone(), sha256: source.sha256.clone().unwrap_or_default() };
-        return Ok(Ok((model_from_uri(source, uri), lineage)));
+        let cached = match crate::models::resolve(ctx, requester, uri, source.sha256.as_deref()).await? {
+            Ok(a) => a,
+            Err(plan) => return Ok(Err(plan)),
+        };
+        let lineage = LineageInput { kind: "Model".into(), name: uri.clone(), sha256: cached.sha256.clone() };
+        // The format is the one the spec's URI says; the weights are the cached copy.
+        let mut model = model_from_uri(source, uri);
+        model.weights = Some(cached);
+        return Ok(Ok((model, lineage)));
     }
     let Some(name) = &source.fine_tune_job else {
         return Ok(Err(Plan::invalid("InvalidModelSource", "the model sets neither uri nor fineTuneJob")));
@@ -340,6 +350,7 @@ pub async fn run(ctx: Arc<Context>) {
         );
         tasks.spawn(drain(s, "PromptVersion"));
     }
+    tasks.spawn(crate::models::run(ctx.clone()));
     ctx.metrics.set_ready(true);
     while tasks.join_next().await.is_some() {}
 }

@@ -373,6 +373,13 @@ impl Gateway {
         Recorded::Ack
     }
 
+    /// Asks the controller of `kind` to reconcile `namespace/name` (an object waiting for
+    /// something that just settled).
+    pub fn wake(&self, kind: &str, namespace: &str, name: &str) {
+        let key = WorkloadKey { namespace: namespace.into(), kind: kind.into(), name: name.into(), uid: String::new() };
+        self.trigger(&key);
+    }
+
     fn trigger(&self, key: &WorkloadKey) {
         let triggers = lock(&self.triggers);
         let specific = triggers.get(&(key.kind.clone(), key.namespace.clone()));

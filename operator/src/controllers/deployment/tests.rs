@@ -157,7 +157,13 @@ fn the_gate_evaluates_the_candidate_model_itself() {
     assert_eq!(model.uri.as_deref(), Some("store://imports/m.gguf"));
     assert_eq!(model.sha256.as_deref(), Some("a".repeat(64).as_str()));
     let adapter = t.adapter.as_ref().expect("the gate names the adapter");
-    assert_eq!(adapter.sha256.as_deref(), Some("b".repeat(64).as_str()));
+    assert_eq!(adapter.fine_tune_job.as_deref(), Some("support-tune"), "by its FineTuneJob, as the deployment does");
+    let mut by_uri = m.clone();
+    by_uri.spec.adapters[0].source =
+        AdapterSource { uri: Some("store://adapters/x/".into()), fine_tune_job: None, sha256: None };
+    let gate = build_gate(&by_uri, &k, &owner, "abc123", &resolved()).expect("a gate");
+    let adapter = gate.spec.target.adapter.expect("the gate names the adapter");
+    assert_eq!(adapter.sha256.as_deref(), Some("b".repeat(64).as_str()), "a URI adapter is pinned to its digest");
     assert_eq!(gate.spec.evaluation.prompt.as_ref().map(|p| p.name.as_str()), Some("support-v1"));
     let mut ungated = m.clone();
     ungated.spec.promotion = None;
