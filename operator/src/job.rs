@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Container, EnvVar, EnvVarSource, HostPathVolumeSource, KeyToPath, ObjectFieldSelector,
-    PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, ResourceRequirements, SecretKeySelector,
-    SecretVolumeSource, Volume, VolumeMount,
+    Capabilities, Container, EnvVar, EnvVarSource, HostPathVolumeSource, KeyToPath, ObjectFieldSelector,
+    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements,
+    SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
@@ -25,6 +25,68 @@ pub const TOKEN_KEY: &str = "token";
 pub const API_KEY_DIR: &str = "/var/run/secrets/llmops-api-key";
 /// Name of the worker container.
 pub const CONTAINER: &str = "worker";
+/// User and group worker containers run as (the worker image's user).
+pub const WORKER_UID: i64 = 10001;
+/// Annotation of a custom resource naming which of its labels and annotations go onto
+/// the Jobs, Deployments and pods made for it: keys separated by commas or spaces, e.g.
+/// `kueue.x-k8s.io/queue-name, cost-center`.
+pub const PROPAGATE_ANNOTATION: &str = "llmops.dev/propagate";
+/// Kueue's queue label: a Job with it is started (unsuspended) by its queue, never by
+/// the operator.
+pub const QUEUE_LABEL: &str = "kueue.x-k8s.io/queue-name";
+
+/// The labels and annotations of a custom resource that its user marked for
+/// propagation ([`PROPAGATE_ANNOTATION`]). Keys the operator owns (`llmops.dev/…`,
+/// `app.kubernetes.io/managed-by`) and kubectl's bookkeeping are never copied.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Propagated {
+    /// Labels to copy.
+    pub labels: BTreeMap<String, String>,
+    /// Annotations to copy.
+    pub annotations: BTreeMap<String, String>,
+}
+
+impl Propagated {
+    /// What `meta` marks for propagation.
+    pub fn of(meta: &ObjectMeta) -> Self {
+        let listed = meta.annotations.as_ref().and_then(|a| a.get(PROPAGATE_ANNOTATION)).cloned().unwrap_or_default();
+        let wanted: Vec<&str> = listed
+            .split(|c: char| c == ',' || c.is_whitespace())
+            .filter(|k| !k.is_empty() && !reserved_key(k))
+            .collect();
+        let pick = |m: &Option<BTreeMap<String, String>>| -> BTreeMap<String, String> {
+            m.iter()
+                .flatten()
+                .filter(|(k, _)| wanted.contains(&k.as_str()))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        };
+        Self { labels: pick(&meta.labels), annotations: pick(&meta.annotations) }
+    }
+
+    /// Adds these labels and annotations to `meta`, never replacing a key it has.
+    pub fn apply_to(&self, meta: &mut ObjectMeta) {
+        if !self.labels.is_empty() {
+            let labels = meta.labels.get_or_insert_with(BTreeMap::new);
+            for (k, v) in &self.labels {
+                labels.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+        }
+        if !self.annotations.is_empty() {
+            let annotations = meta.annotations.get_or_insert_with(BTreeMap::new);
+            for (k, v) in &self.annotations {
+                annotations.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+        }
+    }
+}
+
+fn reserved_key(key: &str) -> bool {
+    key.starts_with("llmops.dev/")
+        || key.starts_with("kubectl.kubernetes.io/")
+        || key == crate::workload::MANAGED_BY.0
+        || key == PROPAGATE_ANNOTATION
+}
 
 /// A Secret key mounted as a file for the worker (an endpoint's API key).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -61,6 +123,8 @@ pub struct WorkerJob<'a> {
     pub owner: OwnerReference,
     /// Secret keys mounted as files.
     pub secret_files: Vec<SecretFile>,
+    /// Labels and annotations of the workload marked for propagation.
+    pub propagated: Propagated,
 }
 
 fn env(name: &str, value: impl Into<String>) -> EnvVar {
@@ -75,16 +139,21 @@ pub fn gpus(resources: Option<&Resources>) -> i32 {
 /// Builds the Job. Pure: the same inputs give the same Job.
 pub fn build(config: &Config, w: &WorkerJob<'_>) -> Job {
     let key = w.key;
-    let template = pod_template(config, key, &w.token_secret, w.resources, &w.secret_files);
+    let mut template = pod_template(config, key, &w.token_secret, w.resources, &w.secret_files);
     let labels = template.metadata.as_ref().and_then(|m| m.labels.clone()).unwrap_or_default();
+    let mut metadata = ObjectMeta {
+        name: Some(w.job_name.clone()),
+        namespace: Some(key.namespace.clone()),
+        labels: Some(labels),
+        owner_references: Some(vec![w.owner.clone()]),
+        ..Default::default()
+    };
+    w.propagated.apply_to(&mut metadata);
+    if let Some(meta) = template.metadata.as_mut() {
+        w.propagated.apply_to(meta);
+    }
     Job {
-        metadata: ObjectMeta {
-            name: Some(w.job_name.clone()),
-            namespace: Some(key.namespace.clone()),
-            labels: Some(labels),
-            owner_references: Some(vec![w.owner.clone()]),
-            ..Default::default()
-        },
+        metadata,
         spec: Some(JobSpec {
             backoff_limit: Some(w.backoff_limit.max(0)),
             completions: Some(1),
@@ -246,6 +315,13 @@ pub fn pod_template(
             ..Default::default()
         }),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
+        // The restricted Pod Security Standard.
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), add: None }),
+            run_as_non_root: Some(true),
+            ..Default::default()
+        }),
         ..Default::default()
     };
 
@@ -260,6 +336,14 @@ pub fn pod_template(
         priority_class_name: resources.and_then(|r| r.priority_class_name.clone()),
         automount_service_account_token: Some(false),
         enable_service_links: Some(false),
+        security_context: Some(PodSecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(WORKER_UID),
+            run_as_group: Some(WORKER_UID),
+            fs_group: Some(WORKER_UID),
+            seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), localhost_profile: None }),
+            ..Default::default()
+        }),
         termination_grace_period_seconds: Some(60),
         ..Default::default()
     };
@@ -317,6 +401,7 @@ mod tests {
                 suspend: false,
                 owner: owner(),
                 secret_files: vec![],
+                propagated: Default::default(),
             },
         )
     }
@@ -405,6 +490,7 @@ mod tests {
                 suspend: true,
                 owner: owner(),
                 secret_files: vec![SecretFile { secret: "openai".into(), key: "api-key".into() }],
+                propagated: Default::default(),
             },
         );
         let pod = pod(&job);
@@ -415,5 +501,62 @@ mod tests {
         let mounts = pod.containers[0].volume_mounts.clone().unwrap_or_default();
         assert!(mounts.iter().any(|m| m.mount_path == "/var/run/secrets/llmops-api-key/openai"));
         assert_eq!(job.spec.as_ref().and_then(|s| s.suspend), Some(true));
+    }
+
+    #[test]
+    fn worker_pods_meet_the_restricted_pod_security_standard() {
+        let pod = pod(&job(&Resources::default()));
+        let psc = pod.security_context.clone().expect("pod securityContext");
+        assert_eq!(psc.run_as_non_root, Some(true));
+        assert_eq!(psc.run_as_user, Some(WORKER_UID));
+        assert_eq!(psc.seccomp_profile.map(|p| p.type_), Some("RuntimeDefault".to_string()));
+        let c = pod.containers[0].security_context.clone().expect("container securityContext");
+        assert_eq!(c.allow_privilege_escalation, Some(false));
+        assert_eq!(c.capabilities.and_then(|c| c.drop), Some(vec!["ALL".to_string()]));
+        assert!(c.privileged.is_none_or(|p| !p));
+    }
+
+    #[test]
+    fn marked_labels_and_annotations_reach_the_job_and_its_pod_and_owned_keys_never_do() {
+        let meta: ObjectMeta = serde_json::from_value(serde_json::json!({
+            "labels": {"kueue.x-k8s.io/queue-name": "team-a", "cost-center": "ml", "unmarked": "x",
+                       "llmops.dev/uid": "forged"},
+            "annotations": {
+                "llmops.dev/propagate": "kueue.x-k8s.io/queue-name, cost-center owner llmops.dev/uid",
+                "owner": "alice", "other": "y",
+            },
+        }))
+        .expect("meta");
+        let p = Propagated::of(&meta);
+        assert_eq!(
+            p.labels,
+            BTreeMap::from([
+                ("cost-center".to_string(), "ml".to_string()),
+                ("kueue.x-k8s.io/queue-name".to_string(), "team-a".to_string())
+            ])
+        );
+        assert_eq!(p.annotations, BTreeMap::from([("owner".to_string(), "alice".to_string())]));
+        let key = key();
+        let job = build(
+            &config(),
+            &WorkerJob {
+                key: &key,
+                job_name: "tune-finetune".into(),
+                token_secret: "tune-finetune-token".into(),
+                resources: None,
+                backoff_limit: 0,
+                suspend: false,
+                owner: owner(),
+                secret_files: vec![],
+                propagated: p,
+            },
+        );
+        let labels = job.metadata.labels.clone().unwrap_or_default();
+        assert_eq!(labels.get(QUEUE_LABEL).map(String::as_str), Some("team-a"), "Kueue reads the Job's label");
+        assert_eq!(labels.get("llmops.dev/uid").map(String::as_str), Some("u-1"), "owned keys stay the operator's");
+        let template = job.spec.and_then(|s| s.template.metadata).expect("template metadata");
+        assert_eq!(template.labels.unwrap_or_default().get("cost-center").map(String::as_str), Some("ml"));
+        assert_eq!(template.annotations.unwrap_or_default().get("owner").map(String::as_str), Some("alice"));
+        assert!(!labels.contains_key("unmarked"));
     }
 }

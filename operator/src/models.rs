@@ -153,6 +153,7 @@ pub fn build_job(config: &crate::config::Config, key: &WorkloadKey, record: &Con
             suspend: false,
             owner: owner_reference(record)?,
             secret_files: Vec::new(),
+            propagated: Default::default(),
         },
     );
     if let Some(spec) = job.spec.as_mut() {

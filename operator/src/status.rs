@@ -53,6 +53,8 @@ pub struct JobView {
     pub failed_condition: Option<(String, String)>,
     /// Whether the Job is suspended.
     pub suspended: bool,
+    /// The queue (Kueue) that admits the Job, when it has one.
+    pub queue: Option<String>,
 }
 
 /// Everything a status is computed from.
@@ -178,8 +180,11 @@ pub fn compute(old: &BatchState, obs: &Observation, generation: Option<i64>, now
             return s;
         }
     }
+    let queued = obs.job.as_ref().filter(|j| j.suspended).and_then(|j| j.queue.clone());
     let (ready_reason, message, phase) = if obs.suspend {
         ("Suspended".to_string(), "suspended: the worker was asked to checkpoint and stop".to_string(), "Suspended")
+    } else if let Some(queue) = queued {
+        ("Queued".to_string(), format!("waiting for queue {queue} to admit the Job"), "Pending")
     } else {
         match (&obs.pod_problem, &gateway.failure) {
             (Some(p), Some(f)) if p.reason == "WorkerExited" => {
@@ -251,6 +256,20 @@ mod tests {
     fn reason(s: &BatchState, t: &str) -> (String, String) {
         let c = conditions::get(&s.common.conditions, t).expect("condition");
         (c.status.clone(), c.reason.clone())
+    }
+
+    #[test]
+    fn a_job_held_by_its_queue_reads_queued_until_admitted() {
+        let held = JobView { suspended: true, queue: Some("team-a".into()), ..Default::default() };
+        let s =
+            compute(&BatchState::default(), &Observation { job: Some(held), ..Default::default() }, Some(1), &at(1));
+        assert_eq!(reason(&s, "Ready"), ("False".into(), "Queued".into()));
+        assert_eq!(reason(&s, "Reconciling"), ("True".into(), "Queued".into()), "in progress, not stalled");
+        let msg = conditions::get(&s.common.conditions, "Ready").map(|c| c.message.clone()).unwrap_or_default();
+        assert!(msg.contains("team-a"), "{msg}");
+        let admitted = JobView { active: 1, queue: Some("team-a".into()), ..Default::default() };
+        let s = compute(&s, &Observation { job: Some(admitted), ..Default::default() }, Some(1), &at(2));
+        assert_eq!(reason(&s, "Ready"), ("False".into(), "Pending".into()));
     }
 
     #[test]

@@ -272,6 +272,7 @@ async fn reconcile_inner<K: BatchKind>(
                     suspend: desired_suspend,
                     owner: owner_reference(obj).at(Step::Build)?,
                     secret_files: pinned.secret_files.clone(),
+                    propagated: job::Propagated::of(obj.meta()),
                 },
             );
             let params = PatchParams::apply(FIELD_MANAGER).force();
@@ -287,7 +288,7 @@ async fn reconcile_inner<K: BatchKind>(
                 } else {
                     soon = true;
                 }
-            } else if !desired_suspend && current {
+            } else if !desired_suspend && current && !queued(j) {
                 job = Some(patch_suspend(&jobs, &job_name, false).await.at(Step::Apply)?);
                 crate::lock(&ctx.stop_requests).remove(&key.uid);
             }
@@ -348,7 +349,13 @@ fn job_view(job: &Job) -> JobView {
         start_time: status.start_time,
         failed_condition,
         suspended: job.spec.as_ref().and_then(|s| s.suspend).unwrap_or(false),
+        queue: job.labels().get(job::QUEUE_LABEL).cloned(),
     }
+}
+
+/// Whether a Job waits for a queue (Kueue) to admit it: the queue unsuspends it.
+fn queued(job: &Job) -> bool {
+    job.labels().contains_key(job::QUEUE_LABEL)
 }
 
 async fn patch_suspend(jobs: &Api<Job>, name: &str, suspend: bool) -> Result<Job> {

@@ -385,8 +385,14 @@ pub fn build_deployment(
             });
         }
     }
+    let propagated = job::Propagated::of(&md.metadata);
+    if let Some(meta) = template.metadata.as_mut() {
+        propagated.apply_to(meta);
+    }
+    let mut metadata = owned_meta(key, owner, &key.name);
+    propagated.apply_to(&mut metadata);
     Deployment {
-        metadata: owned_meta(key, owner, &key.name),
+        metadata,
         spec: Some(DeploymentSpec {
             replicas: Some(desired_replicas(md)),
             selector: LabelSelector { match_labels: Some(selector(key)), ..Default::default() },
