@@ -100,7 +100,26 @@ pub struct DevNodeConfig {
     pub heartbeat: Duration,
     /// Extra labels of the Node.
     pub labels: BTreeMap<String, String>,
+    /// Local binaries for other programs: a container whose command (or, without a
+    /// command, whose image's last path segment before the tag) is a key runs that file.
+    pub binaries: BTreeMap<String, PathBuf>,
+    /// The apiserver as pods reach it. A pod that mounts a service account token at
+    /// [`SERVICE_ACCOUNT_DIR`] gets a kubeconfig with that token (`KUBECONFIG`), since a
+    /// process cannot have files at that fixed path, and `KUBERNETES_SERVICE_HOST`/`_PORT`.
+    pub apiserver: Option<ApiServer>,
 }
+
+/// Where the apiserver is, for pods that talk to it.
+#[derive(Debug, Clone)]
+pub struct ApiServer {
+    /// https://HOST:PORT
+    pub url: String,
+    /// The cluster CA (PEM file), when the pod's volume carries none.
+    pub ca_file: PathBuf,
+}
+
+/// Where the kubelet mounts a pod's service account credentials.
+pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
 impl DevNodeConfig {
     /// A node named `node_name` with this machine's CPUs and memory as capacity.
@@ -114,6 +133,8 @@ impl DevNodeConfig {
             pods: 110,
             heartbeat: Duration::from_secs(10),
             labels: BTreeMap::new(),
+            binaries: BTreeMap::new(),
+            apiserver: None,
         }
     }
 }
@@ -1235,8 +1256,33 @@ async fn prepare(ctx: &Ctx, pod: &Pod, container: &Container, dir: &Path, ip: &s
         }
     }
 
-    let mut argv: Vec<String> =
-        container.command.iter().flatten().chain(container.args.iter().flatten()).cloned().collect();
+    // In-cluster credentials: a kubeconfig of the mounted token, since the process
+    // cannot have them at the fixed path client libraries read.
+    if let (Some(api), Some((_, local))) =
+        (&ctx.config.apiserver, mounts.iter().find(|(m, _)| m == SERVICE_ACCOUNT_DIR))
+    {
+        let kubeconfig = dir.join("kubeconfig");
+        std::fs::write(&kubeconfig, service_account_kubeconfig(api, local)?)?;
+        env.insert("KUBECONFIG".into(), kubeconfig.to_string_lossy().into_owned());
+        let authority = api.url.trim_start_matches("https://").trim_end_matches('/');
+        let (host, port) = authority.rsplit_once(':').unwrap_or((authority, "443"));
+        env.insert("KUBERNETES_SERVICE_HOST".into(), host.to_string());
+        env.insert("KUBERNETES_SERVICE_PORT".into(), port.to_string());
+    }
+
+    let command: Vec<String> = container.command.iter().flatten().cloned().collect();
+    // Without a command, the image's entrypoint: known only for the images mapped to
+    // local binaries (by the image's name).
+    let image_program = || {
+        let image = container.image.clone().unwrap_or_default();
+        let name = image.rsplit('/').next().unwrap_or_default();
+        let name = name.split(['@', ':']).next().unwrap_or_default().to_string();
+        ctx.config.binaries.contains_key(&name).then_some(name)
+    };
+    let mut argv: Vec<String> = match (command.is_empty(), image_program()) {
+        (true, Some(program)) => std::iter::once(program).chain(container.args.iter().flatten().cloned()).collect(),
+        _ => command.into_iter().chain(container.args.iter().flatten().cloned()).collect(),
+    };
     if argv.is_empty() {
         return Err(pod_error("NoCommand", "the container has no command; the dev node cannot run images"));
     }
@@ -1244,13 +1290,35 @@ async fn prepare(ctx: &Ctx, pod: &Pod, container: &Container, dir: &Path, ip: &s
         *a = rewrite(&expand(a, &env));
     }
     let first = argv.remove(0);
-    let program = if first == "llmops-worker" || first.ends_with("/llmops-worker") {
+    let base = first.rsplit('/').next().unwrap_or_default().to_string();
+    let program = if base == "llmops-worker" {
         ctx.config.worker_binary.clone()
+    } else if let Some(binary) = ctx.config.binaries.get(&base) {
+        binary.clone()
     } else {
         PathBuf::from(first)
     };
     let working_dir = container.working_dir.as_deref().map(|w| PathBuf::from(rewrite(w))).unwrap_or(dir.to_path_buf());
     Ok(Prepared { program, args: argv, env, working_dir })
+}
+
+/// A kubeconfig that authenticates with the token file of a mounted service account
+/// volume (`token`, `ca.crt`, `namespace`), against `api`.
+fn service_account_kubeconfig(api: &ApiServer, volume: &Path) -> Result<String> {
+    let ca = volume.join("ca.crt");
+    let ca = if ca.is_file() { ca } else { api.ca_file.clone() };
+    let namespace = std::fs::read_to_string(volume.join("namespace")).unwrap_or_else(|_| "default".into());
+    let config = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "in-cluster", "cluster": {"server": api.url, "certificate-authority": ca}}],
+        "users": [{"name": "service-account", "user": {"tokenFile": volume.join("token")}}],
+        "contexts": [{"name": "in-cluster", "context": {
+            "cluster": "in-cluster", "user": "service-account", "namespace": namespace.trim(),
+        }}],
+        "current-context": "in-cluster",
+    });
+    Ok(serde_yaml_ng::to_string(&config)?)
 }
 
 /// `$(NAME)` references to earlier variables, as the kubelet expands them (`$$` escapes).

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod dev_node;
+pub mod s3;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -245,13 +246,43 @@ pub fn test_model() -> Result<PathBuf> {
 /// The `llmops-worker` binary built beside this test binary (`cargo test --workspace`
 /// builds it; `cargo build -p llmops-worker` does too).
 pub fn worker_binary() -> Result<PathBuf> {
+    target_binary("llmops-worker")
+}
+
+/// The `llmops-operator` binary of this build (`cargo test --workspace` builds it).
+pub fn operator_binary() -> Result<PathBuf> {
+    target_binary("llmops-operator")
+}
+
+fn target_binary(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let dir = exe.parent().and_then(Path::parent).context("the test binary has no target directory")?;
-    let worker = dir.join("llmops-worker");
-    if !worker.is_file() {
-        bail!("{} is missing; build it with `cargo build -p llmops-worker`", worker.display());
+    let binary = dir.join(name);
+    if !binary.is_file() {
+        bail!("{} is missing; build it with `cargo build -p {name}`", binary.display());
     }
-    Ok(worker)
+    Ok(binary)
+}
+
+/// The test cluster's apiserver as pods reach it (for a dev node's in-cluster
+/// credentials): its URL and its CA, from the test kubeconfig.
+pub fn apiserver() -> Result<dev_node::ApiServer> {
+    let path = kubeconfig()?;
+    let config = Kubeconfig::read_from(&path)?;
+    let cluster = config.clusters.first().and_then(|c| c.cluster.clone()).context("the kubeconfig has no cluster")?;
+    let url = cluster.server.context("the kubeconfig's cluster has no server")?;
+    let ca_file = match (cluster.certificate_authority, cluster.certificate_authority_data) {
+        (Some(file), _) => path.parent().unwrap_or(Path::new("/")).join(file),
+        (None, Some(data)) => {
+            // ByteString's serde form is base64, as the kubeconfig's.
+            let pem: k8s_openapi::ByteString = serde_json::from_value(Value::String(data.trim().to_string()))?;
+            let file = std::env::temp_dir().join(format!("llmops-test-ca-{}.crt", std::process::id()));
+            std::fs::write(&file, pem.0)?;
+            file
+        }
+        (None, None) => bail!("the kubeconfig names no CA"),
+    };
+    Ok(dev_node::ApiServer { url, ca_file })
 }
 
 /// The first document of `examples/pipeline/<name>`.
@@ -277,47 +308,54 @@ pub fn condition<'a>(
 }
 
 static KSTATUS: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+static HELM: OnceLock<Result<PathBuf, String>> = OnceLock::new();
 
 /// Path of the kstatus helper (`tests/kstatus`, cli-utils' `kstatus/status` package in
-/// a Go main): `bin_path kstatus` of tests/cluster/lib.sh, built with
-/// `tests/cluster/build kstatus` when missing (its version carries a hash of its
-/// sources, so an edited helper is rebuilt rather than reused).
+/// a Go main), built when missing (its version carries a hash of its sources, so an
+/// edited helper is rebuilt rather than reused).
 pub fn kstatus_binary() -> Result<PathBuf> {
-    KSTATUS
-        .get_or_init(|| {
-            let cluster = repo_root().join("tests/cluster");
-            let path = std::process::Command::new("bash")
-                .args(["-c", r#"source "$1" && bin_path kstatus"#, "bash"])
-                .arg(cluster.join("lib.sh"))
-                .output()
-                .map_err(|e| format!("cannot run bash: {e}"))?;
-            if !path.status.success() {
-                return Err(format!("bin_path kstatus failed: {}", String::from_utf8_lossy(&path.stderr)));
-            }
-            let path = PathBuf::from(String::from_utf8_lossy(&path.stdout).trim());
-            if !path.is_file() {
-                let build = cluster.join("build");
-                // Its progress goes to stderr, so that stdout stays the test's.
-                let out = std::process::Command::new(&build)
-                    .arg("kstatus")
-                    .stdout(std::process::Stdio::piped())
-                    .stderr(std::process::Stdio::piped())
-                    .output()
-                    .map_err(|e| format!("cannot run {}: {e}", build.display()))?;
-                if !out.status.success() || !path.is_file() {
-                    return Err(format!(
-                        "`{} kstatus` failed with {}: {}{}",
-                        build.display(),
-                        out.status,
-                        String::from_utf8_lossy(&out.stdout),
-                        String::from_utf8_lossy(&out.stderr)
-                    ));
-                }
-            }
-            Ok(path)
-        })
-        .clone()
-        .map_err(|e| anyhow!(e))
+    KSTATUS.get_or_init(|| cluster_tool("kstatus")).clone().map_err(|e| anyhow!(e))
+}
+
+/// Path of helm, as tests/cluster/build builds it.
+pub fn helm_binary() -> Result<PathBuf> {
+    HELM.get_or_init(|| cluster_tool("helm")).clone().map_err(|e| anyhow!(e))
+}
+
+/// `bin_path NAME` of tests/cluster/lib.sh, built with `tests/cluster/build NAME` when
+/// missing.
+fn cluster_tool(name: &str) -> Result<PathBuf, String> {
+    let cluster = repo_root().join("tests/cluster");
+    let path = std::process::Command::new("bash")
+        .args(["-c", r#"source "$1" && bin_path "$2""#, "bash"])
+        .arg(cluster.join("lib.sh"))
+        .arg(name)
+        .output()
+        .map_err(|e| format!("cannot run bash: {e}"))?;
+    if !path.status.success() {
+        return Err(format!("bin_path {name} failed: {}", String::from_utf8_lossy(&path.stderr)));
+    }
+    let path = PathBuf::from(String::from_utf8_lossy(&path.stdout).trim());
+    if !path.is_file() {
+        let build = cluster.join("build");
+        // Its progress goes to stderr, so that stdout stays the test's.
+        let out = std::process::Command::new(&build)
+            .arg(name)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .map_err(|e| format!("cannot run {}: {e}", build.display()))?;
+        if !out.status.success() || !path.is_file() {
+            return Err(format!(
+                "`{} {name}` failed with {}: {}{}",
+                build.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+    }
+    Ok(path)
 }
 
 /// The kstatus health of one object, as Flux and cli-utils compute it
