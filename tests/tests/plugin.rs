@@ -137,6 +137,11 @@ async fn the_plugin_draws_the_pipeline_follows_lineage_chats_and_explains_where_
     let result = exercise(&client, &ns.name, &node, &binary).await;
     node.stop().await?;
     op.stop().await;
+    // Each run copies the model into its store; what a failed run left is kept to look at.
+    if result.is_ok() {
+        let _ = std::fs::remove_dir_all(&store);
+        let _ = std::fs::remove_dir_all(&work_dir);
+    }
     result
 }
 
