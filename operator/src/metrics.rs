@@ -45,6 +45,29 @@ pub struct EventLabel {
     pub event: String,
 }
 
+/// Labels of a per-object figure.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct ObjectLabels {
+    /// Namespace of the object.
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+}
+
+/// Labels of an evaluation's metric.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EvalLabels {
+    /// Namespace of the EvalRun.
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+    /// The metric (perplexity, tokenF1, ...).
+    pub metric: String,
+}
+
+/// A gauge of floating-point values.
+pub type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+
 /// Every metric of the operator, registered in one registry.
 pub struct Metrics {
     registry: Registry,
@@ -64,6 +87,20 @@ pub struct Metrics {
     pub refused_tokens: Family<RefusalLabel, Counter>,
     /// Worker events recorded by the gateway, by event type.
     pub gateway_events: Family<EventLabel, Counter>,
+    /// Latest training loss of each FineTuneJob.
+    pub finetune_loss: Family<ObjectLabels, FloatGauge>,
+    /// Latest training throughput of each FineTuneJob.
+    pub finetune_tokens_per_second: Family<ObjectLabels, FloatGauge>,
+    /// Estimated seconds left of each running FineTuneJob.
+    pub finetune_eta_seconds: Family<ObjectLabels, FloatGauge>,
+    /// Steps done over total steps of each FineTuneJob.
+    pub finetune_progress_ratio: Family<ObjectLabels, FloatGauge>,
+    /// Metric values of each finished EvalRun.
+    pub evalrun_metric: Family<EvalLabels, FloatGauge>,
+    /// 1 when an EvalRun passed its thresholds, 0 when it did not.
+    pub evalrun_passed: Family<ObjectLabels, FloatGauge>,
+    evalrun_metric_names:
+        std::sync::Mutex<std::collections::BTreeMap<ObjectLabels, std::collections::BTreeSet<String>>>,
     ready: AtomicBool,
 }
 
@@ -80,6 +117,54 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Drops the per-object series of an object that went away.
+    pub fn forget_object(&self, namespace: &str, name: &str) {
+        let labels = ObjectLabels { namespace: namespace.into(), name: name.into() };
+        for family in [
+            &self.finetune_loss,
+            &self.finetune_tokens_per_second,
+            &self.finetune_eta_seconds,
+            &self.finetune_progress_ratio,
+            &self.evalrun_passed,
+        ] {
+            family.remove(&labels);
+        }
+        let names = crate::lock(&self.evalrun_metric_names).remove(&labels).unwrap_or_default();
+        for metric in names {
+            self.evalrun_metric.remove(&EvalLabels { namespace: namespace.into(), name: name.into(), metric });
+        }
+    }
+
+    /// Sets the metric values of an EvalRun (non-finite values are left out).
+    pub fn set_eval_metrics(&self, namespace: &str, name: &str, values: &[(String, f64)]) {
+        let labels = ObjectLabels { namespace: namespace.into(), name: name.into() };
+        let mut known = crate::lock(&self.evalrun_metric_names);
+        let names = known.entry(labels).or_default();
+        for (metric, value) in values {
+            let l = EvalLabels { namespace: namespace.into(), name: name.into(), metric: metric.clone() };
+            if value.is_finite() {
+                self.evalrun_metric.get_or_create(&l).set(*value);
+                names.insert(metric.clone());
+            } else {
+                self.evalrun_metric.remove(&l);
+                names.remove(metric);
+            }
+        }
+    }
+
+    /// Sets a per-object gauge when the value is a finite number, and removes the series
+    /// otherwise: a NaN must never read as a figure.
+    pub fn set_figure(family: &Family<ObjectLabels, FloatGauge>, labels: &ObjectLabels, value: Option<f64>) {
+        match value.filter(|v| v.is_finite()) {
+            Some(v) => {
+                family.get_or_create(labels).set(v);
+            }
+            None => {
+                family.remove(labels);
+            }
+        }
+    }
+
     /// Creates and registers every metric.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("llmops_operator");
@@ -105,6 +190,30 @@ impl Metrics {
         registry.register("gateway_sessions", "Open worker sessions on the gateway", gateway_sessions.clone());
         registry.register("gateway_refused_tokens", "Gateway requests refused for their token", refused_tokens.clone());
         registry.register("gateway_events", "Worker events recorded by the gateway", gateway_events.clone());
+        let finetune_loss = Family::<ObjectLabels, FloatGauge>::default();
+        let finetune_tokens_per_second = Family::<ObjectLabels, FloatGauge>::default();
+        let finetune_eta_seconds = Family::<ObjectLabels, FloatGauge>::default();
+        let finetune_progress_ratio = Family::<ObjectLabels, FloatGauge>::default();
+        let evalrun_metric = Family::<EvalLabels, FloatGauge>::default();
+        let evalrun_passed = Family::<ObjectLabels, FloatGauge>::default();
+        registry.register("finetune_loss", "Latest training loss of a FineTuneJob", finetune_loss.clone());
+        registry.register(
+            "finetune_tokens_per_second",
+            "Latest training throughput of a FineTuneJob",
+            finetune_tokens_per_second.clone(),
+        );
+        registry.register(
+            "finetune_eta_seconds",
+            "Estimated seconds left of a running FineTuneJob",
+            finetune_eta_seconds.clone(),
+        );
+        registry.register(
+            "finetune_progress_ratio",
+            "Steps done over total steps of a FineTuneJob",
+            finetune_progress_ratio.clone(),
+        );
+        registry.register("evalrun_metric", "Metric values of a finished EvalRun", evalrun_metric.clone());
+        registry.register("evalrun_passed", "1 when an EvalRun passed its thresholds, else 0", evalrun_passed.clone());
         // Registry adds `_total` to counters: llmops_operator_reconcile_total and so on.
         Self {
             registry,
@@ -116,6 +225,13 @@ impl Metrics {
             gateway_sessions,
             refused_tokens,
             gateway_events,
+            finetune_loss,
+            finetune_tokens_per_second,
+            finetune_eta_seconds,
+            finetune_progress_ratio,
+            evalrun_metric,
+            evalrun_passed,
+            evalrun_metric_names: Default::default(),
             ready: AtomicBool::new(false),
         }
     }
@@ -221,6 +337,29 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn per_object_figures_appear_finite_only_and_go_with_their_object() {
+        let metrics = Metrics::new();
+        let tune = ObjectLabels { namespace: "ns".into(), name: "tune".into() };
+        Metrics::set_figure(&metrics.finetune_loss, &tune, Some(1.25));
+        Metrics::set_figure(&metrics.finetune_tokens_per_second, &tune, Some(f64::NAN));
+        metrics.set_eval_metrics("ns", "run", &[("tokenF1".into(), 0.5), ("perplexity".into(), f64::INFINITY)]);
+        Metrics::set_figure(
+            &metrics.evalrun_passed,
+            &ObjectLabels { namespace: "ns".into(), name: "run".into() },
+            Some(1.0),
+        );
+        let text = metrics.encode();
+        assert!(text.contains("llmops_operator_finetune_loss{namespace=\"ns\",name=\"tune\"} 1.25"), "{text}");
+        assert!(!text.contains("llmops_operator_finetune_tokens_per_second{"), "a NaN is never a figure:\n{text}");
+        assert!(text.contains("metric=\"tokenF1\"} 0.5"), "{text}");
+        assert!(!text.contains("metric=\"perplexity\""), "{text}");
+        metrics.forget_object("ns", "tune");
+        metrics.forget_object("ns", "run");
+        let text = metrics.encode();
+        assert!(!text.contains("name=\"tune\"") && !text.contains("name=\"run\""), "{text}");
+    }
 
     #[test]
     fn metric_names_carry_the_prefix() {

@@ -321,6 +321,17 @@ async fn a_model_deployment_serves_scales_autoscales_and_turns_feedback_into_a_d
     assert_eq!(live.feedback_count, Some(1), "{live:?}");
     assert_eq!(live.feedback_score, Some(5.0), "{live:?}");
     assert!(live.time_to_first_token_ms.is_some_and(|t| t > 0.0), "{live:?}");
+    // The pod's own metrics carry its deployment and revision, for dashboards.
+    let text = reqwest::get(format!("{}/metrics", endpoint.trim_end_matches("/v1"))).await?.text().await?;
+    let labels = format!("deployment=\"assistant\",revision=\"{revision}\"");
+    let value = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{name}{{")) && l.contains(&labels))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    assert_eq!(value("llmops_worker_feedback_score_total"), Some(5.0), "{text}");
+    assert!(value("llmops_worker_request_duration_seconds_count").is_some_and(|n| n >= 1.0), "{text}");
 
     // kubectl scale goes through the scale subresource: two ready serving pods.
     kubectl(&["-n", &ns.name, "scale", "modeldeployment/assistant", "--replicas", "2"])?;
@@ -417,7 +428,7 @@ async fn deployment_revision(api: &Api<Deployment>, name: &str) -> Result<Option
 async fn a_gate_keeps_the_serving_revision_until_its_eval_passes_and_for_good_when_it_fails() -> Result<()> {
     let _turn = TURN.lock().await;
     let (client, ns) = namespace_with_crds("md-gate").await?;
-    let (op, _metrics, _store) = operator(&client, &ns.name).await?;
+    let (op, metrics, _store) = operator(&client, &ns.name).await?;
     let node = dev_node(&client, &ns.name).await?;
     for m in [
         capitals("capitals", "Paris", &node),
@@ -495,6 +506,17 @@ async fn a_gate_keeps_the_serving_revision_until_its_eval_passes_and_for_good_wh
     assert!(progressing.message.contains(&rev2), "{}", progressing.message);
     assert!(is_true(&md, "Ready"), "the serving revision still serves");
     assert_eq!(kstatus(&md)?, "Failed", "a refused revision reads as failed to GitOps tools");
+    // Each gate's verdict and figures are operator metrics, per EvalRun.
+    let text = scrape(&metrics).await?;
+    let run = format!("namespace=\"{}\",name=\"{}\"", ns.name, gate.eval_run);
+    let passed = text.lines().find(|l| l.starts_with("llmops_operator_evalrun_passed{") && l.contains(&run));
+    assert_eq!(passed.and_then(|l| l.rsplit(' ').next()), Some("0.0"), "{text}");
+    assert!(
+        text.lines().any(|l| l.starts_with("llmops_operator_evalrun_metric{")
+            && l.contains(&run)
+            && l.contains("metric=\"contains\"")),
+        "{text}"
+    );
     let endpoint = s.endpoint.clone().context("endpoint")?;
     let (code, body) = chat(&endpoint, "gated", None, "Hello").await?;
     assert_eq!(code, 200, "{body}");

@@ -165,6 +165,14 @@ pub trait BatchKind:
     fn plan(&self, ctx: &Context, key: &WorkloadKey) -> impl Future<Output = Result<Plan>> + Send;
     /// Adds the kind's own figures (progress, artifact, metrics) to a status.
     fn figures(&self, status: &mut Self::Status, observed: Option<&Observed>, pinned: &Pinned, key: &WorkloadKey);
+    /// Exports the kind's figures of a status as per-object metrics.
+    fn export(
+        _status: &Self::Status,
+        _observed: Option<&Observed>,
+        _metrics: &crate::metrics::Metrics,
+        _key: &WorkloadKey,
+    ) {
+    }
 }
 
 /// Reconciles one batch object, counting metrics and reporting errors as events.
@@ -205,6 +213,7 @@ async fn reconcile_inner<K: BatchKind>(
             remove_finalizer(&api, obj).await.at(Step::Apply)?;
         }
         ctx.gateway.forget(&key.uid);
+        ctx.metrics.forget_object(&key.namespace, &key.name);
         return Ok(Action::await_change());
     }
     if K::CHECKPOINT_ON_STOP && !old.finished() && !has_finalizer(obj) {
@@ -309,6 +318,7 @@ async fn reconcile_inner<K: BatchKind>(
     let mut new_status = old_status.clone();
     K::set_batch(&mut new_status, state.clone());
     obj.figures(&mut new_status, observation.gateway.as_ref(), &pinned, key);
+    K::export(&new_status, observation.gateway.as_ref(), &ctx.metrics, key);
     write_status(ctx, &api, key, &old_status, &new_status).await.at(Step::UpdateStatus)?;
     if let Some(g) = &observation.gateway {
         ctx.gateway.persisted(&key.uid, g.terminal_version);

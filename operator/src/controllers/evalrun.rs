@@ -24,6 +24,7 @@ use crate::context::Context;
 use crate::error::Result;
 use crate::gateway::Observed;
 use crate::job::SecretFile;
+use crate::metrics::{Metrics, ObjectLabels};
 use crate::models::Requester;
 use crate::status::BatchState;
 use crate::workload::{WorkloadKey, join_uri};
@@ -186,6 +187,13 @@ impl BatchKind for EvalRun {
                 Err(e) => e.into(),
             },
         )
+    }
+
+    fn export(s: &EvalRunStatus, _observed: Option<&Observed>, metrics: &Metrics, key: &WorkloadKey) {
+        let values: Vec<(String, f64)> = s.metrics.iter().map(|m| (metric_name(&m.metric), m.value)).collect();
+        metrics.set_eval_metrics(&key.namespace, &key.name, &values);
+        let labels = ObjectLabels { namespace: key.namespace.clone(), name: key.name.clone() };
+        Metrics::set_figure(&metrics.evalrun_passed, &labels, s.passed.map(|p| if p { 1.0 } else { 0.0 }));
     }
 
     fn figures(&self, s: &mut EvalRunStatus, observed: Option<&Observed>, _pinned: &Pinned, _key: &WorkloadKey) {

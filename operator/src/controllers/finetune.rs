@@ -13,6 +13,7 @@ use crate::assignment;
 use crate::context::Context;
 use crate::error::Result;
 use crate::gateway::Observed;
+use crate::metrics::{Metrics, ObjectLabels};
 use crate::models::Requester;
 use crate::status::{BatchState, format_eta};
 use crate::workload::WorkloadKey;
@@ -50,6 +51,21 @@ impl BatchKind for FineTuneJob {
             Ok(a) => Plan::Run { assignment: Box::new(a), lineage: Some(lineage), secret_files: Vec::new() },
             Err(e) => e.into(),
         })
+    }
+
+    fn export(s: &FineTuneJobStatus, observed: Option<&Observed>, metrics: &Metrics, key: &WorkloadKey) {
+        let labels = ObjectLabels { namespace: key.namespace.clone(), name: key.name.clone() };
+        Metrics::set_figure(&metrics.finetune_loss, &labels, s.loss);
+        Metrics::set_figure(&metrics.finetune_tokens_per_second, &labels, s.tokens_per_second);
+        let ratio = match (s.step, s.total_steps) {
+            (Some(step), Some(total)) if total > 0 => Some(step as f64 / total as f64),
+            _ => None,
+        };
+        Metrics::set_figure(&metrics.finetune_progress_ratio, &labels, ratio);
+        // Only while it runs: a finished job has no time left to estimate.
+        let running = observed.is_some_and(|o| o.result.is_none());
+        let eta = observed.and_then(|o| o.progress.as_ref()).map(|p| p.eta_seconds).filter(|e| *e > 0.0);
+        Metrics::set_figure(&metrics.finetune_eta_seconds, &labels, eta.filter(|_| running));
     }
 
     fn figures(&self, s: &mut FineTuneJobStatus, observed: Option<&Observed>, pinned: &Pinned, _key: &WorkloadKey) {

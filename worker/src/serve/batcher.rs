@@ -100,6 +100,8 @@ struct Running {
     last_token: Instant,
     /// From accepting the request to the end of its prefill (its first token).
     first_token: Duration,
+    /// When the request was accepted.
+    accepted: Instant,
 }
 
 struct Engine {
@@ -197,6 +199,7 @@ impl Engine {
                     stream: job.stream,
                     last_token: Instant::now(),
                     first_token,
+                    accepted: job.accepted,
                 };
                 if r.sequence.finished().is_some() {
                     self.complete(r);
@@ -216,6 +219,7 @@ impl Engine {
         match r.sequence.finish(&self.model) {
             Ok((generation, rest)) => {
                 self.metrics.generated_tokens.inc_by(generation.tokens.len() as u64);
+                self.metrics.request_duration.observe(r.accepted.elapsed().as_secs_f64());
                 let _ = r.events.send(Event::Done { generation, rest, first_token: r.first_token });
             }
             Err(e) => {

@@ -1,6 +1,8 @@
 //! The server's Prometheus metrics: requests and errors by type, tokens, and request
 //! time split into queue, first token and the time between tokens.
 
+use std::borrow::Cow;
+
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -29,6 +31,10 @@ pub struct Metrics {
     pub inter_token_latency: Histogram,
     /// Seconds a request waited in the queue.
     pub queue_time: Histogram,
+    /// Seconds from accepting a request to its last token.
+    pub request_duration: Histogram,
+    /// Sum of the feedback ratings (with `feedback`'s count, the average score).
+    pub feedback_score: Counter,
     /// Requests waiting for a slot.
     pub queue_depth: Gauge,
     /// Sequences in the running batch.
@@ -44,7 +50,14 @@ pub struct Metrics {
 impl Metrics {
     /// Registers every metric; `max_batch` sizes the batch histogram's buckets.
     pub fn new(max_batch: usize) -> Self {
-        let mut registry = Registry::with_prefix("llmops_worker");
+        Self::with_labels(max_batch, &[])
+    }
+
+    /// Registers every metric, each series carrying `labels` (a deployment's namespace,
+    /// name and revision, so that dashboards can tell deployments and revisions apart).
+    pub fn with_labels(max_batch: usize, labels: &[(String, String)]) -> Self {
+        let constant = labels.iter().map(|(k, v)| (Cow::Owned(k.clone()), Cow::Owned(v.clone())));
+        let mut registry = Registry::with_prefix_and_labels("llmops_worker", constant);
         let requests = Family::<Labels, Counter>::default();
         registry.register("requests", "Requests by endpoint and model", requests.clone());
         let errors = Family::<Labels, Counter>::default();
@@ -67,6 +80,14 @@ impl Metrics {
         );
         let queue_time = Histogram::new(exponential_buckets(0.001, 2.0, 16));
         registry.register("queue_time_seconds", "Seconds a request waited for a batch slot", queue_time.clone());
+        let request_duration = Histogram::new(exponential_buckets(0.01, 2.0, 16));
+        registry.register(
+            "request_duration_seconds",
+            "Seconds from accepting a request to its last token",
+            request_duration.clone(),
+        );
+        let feedback_score = Counter::default();
+        registry.register("feedback_score", "Sum of the feedback ratings", feedback_score.clone());
         let queue_depth = Gauge::default();
         registry.register("queue_depth", "Requests waiting for a batch slot", queue_depth.clone());
         let batch_size = Gauge::default();
@@ -92,6 +113,8 @@ impl Metrics {
             time_to_first_token,
             inter_token_latency,
             queue_time,
+            request_duration,
+            feedback_score,
             queue_depth,
             batch_size,
             decode_batch_size,

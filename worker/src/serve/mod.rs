@@ -207,7 +207,13 @@ fn prompt_messages(config: &ServeAssignment) -> Result<Vec<ChatMessage>> {
 async fn serve(assignment: Assignment, config: ServeAssignment, options: Options) -> Result<()> {
     let serving = config.serving.clone().unwrap_or_default();
     let max_batch = (serving.max_batch_size as usize).max(1);
-    let metrics = Arc::new(Metrics::new(max_batch));
+    // A deployment's pods label every series with its name and revision (the namespace
+    // is the scrape target's own label).
+    let labels: Vec<(String, String)> = match assignment.workload.as_ref().filter(|w| w.kind == "ModelDeployment") {
+        Some(w) => vec![("deployment".into(), w.name.clone()), ("revision".into(), config.revision.clone())],
+        None => Vec::new(),
+    };
+    let metrics = Arc::new(Metrics::with_labels(max_batch, &labels));
     let api_keys =
         if config.api_keys_file.is_empty() { Vec::new() } else { read_api_keys(&config.api_keys_file, &assignment)? };
     let traffic = match config.traffic.as_ref().filter(|t| !t.uri.is_empty()) {
@@ -881,6 +887,7 @@ async fn feedback(State(state): State<AppState>, body: Result<Bytes, BytesReject
         };
         log.feedback(record).map_err(|e| ApiError::internal(format!("writing the traffic log: {e:#}")))?;
         state.metrics.feedback.get_or_create(&vec![("rating", req.rating.to_string())]).inc();
+        state.metrics.feedback_score.inc_by(u64::try_from(req.rating).unwrap_or(0));
         state.live.feedback(req.rating as u8);
         Ok(Json(json!({"id": req.id, "object": "feedback", "recorded": true})).into_response())
     }
