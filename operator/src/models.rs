@@ -311,38 +311,9 @@ fn key_of(record: &ConfigMap) -> Result<WorkloadKey> {
 /// gateway and its Job. A Job that failed without a word from its worker fails the record.
 async fn ensure_worker(ctx: &Context, record: &ConfigMap, uri: &str, expected: &str) -> Result<()> {
     let key = key_of(record)?;
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &key.namespace);
-    let secret_name = format!("{}-token", key.name);
-    let token = match secrets.get_opt(&secret_name).await? {
-        Some(s) if s.metadata.owner_references.iter().flatten().any(|o| Some(&o.uid) == record.uid().as_ref()) => {
-            s.data.and_then(|d| d.get(TOKEN_KEY).map(|b| String::from_utf8_lossy(&b.0).into_owned()))
-        }
-        _ => None,
-    };
-    let token = match token {
-        Some(t) => t,
-        None => {
-            let token = crate::gateway::tokens::generate().map_err(|e| Error::Random(e.to_string()))?;
-            let secret = Secret {
-                metadata: ObjectMeta {
-                    name: Some(secret_name.clone()),
-                    namespace: Some(key.namespace.clone()),
-                    labels: Some(key.labels()),
-                    owner_references: Some(vec![owner_reference(record)?]),
-                    ..Default::default()
-                },
-                data: Some(BTreeMap::from([(TOKEN_KEY.to_string(), ByteString(token.clone().into_bytes()))])),
-                type_: Some("Opaque".into()),
-                ..Default::default()
-            };
-            let params = PatchParams::apply(FIELD_MANAGER).force();
-            secrets.patch(&secret_name, &params, &Patch::Apply(&secret)).await?;
-            token
-        }
-    };
-    if !ctx.gateway.is_registered(&key.uid) {
-        ctx.gateway.register(&key, &token, assignment(&ctx.config.store, &key, uri, expected));
-    }
+    let token = token_of(ctx, record, &key).await?;
+    // Always the Secret's token: the one the resolver's pod reads.
+    ctx.gateway.register(&key, &token, assignment(&ctx.config.store, &key, uri, expected));
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &key.namespace);
     match jobs.get_opt(&key.name).await? {
         None => {
@@ -368,6 +339,46 @@ async fn ensure_worker(ctx: &Context, record: &ConfigMap, uri: &str, expected: &
         }
     }
     Ok(())
+}
+
+/// The token of a record's resolver: from its Secret, made once. Two reconciles that
+/// start the same resolution at once both try to create the Secret; the second reads
+/// the first one's token instead of registering its own.
+async fn token_of(ctx: &Context, record: &ConfigMap, key: &WorkloadKey) -> Result<String> {
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &key.namespace);
+    let name = format!("{}-token", key.name);
+    let read = |s: Secret| -> Result<String> {
+        if !s.metadata.owner_references.iter().flatten().any(|o| Some(&o.uid) == record.uid().as_ref()) {
+            return Err(Error::MissingMetadata("a resolver token Secret owned by its record"));
+        }
+        s.data
+            .and_then(|d| d.get(TOKEN_KEY).map(|b| String::from_utf8_lossy(&b.0).into_owned()))
+            .ok_or(Error::MissingMetadata("token in the resolver's Secret"))
+    };
+    if let Some(s) = secrets.get_opt(&name).await? {
+        return read(s);
+    }
+    let token = crate::gateway::tokens::generate().map_err(|e| Error::Random(e.to_string()))?;
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            namespace: Some(key.namespace.clone()),
+            labels: Some(key.labels()),
+            owner_references: Some(vec![owner_reference(record)?]),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([(TOKEN_KEY.to_string(), ByteString(token.clone().into_bytes()))])),
+        type_: Some("Opaque".into()),
+        ..Default::default()
+    };
+    match secrets.create(&PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() }, &secret).await
+    {
+        Ok(_) => Ok(token),
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            read(secrets.get_opt(&name).await?.ok_or(Error::MissingMetadata("the resolver's token Secret"))?)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn failed_data(reason: &str, message: &str) -> BTreeMap<String, String> {

@@ -162,7 +162,21 @@ async fn a_model_from_an_https_server_is_downloaded_once_and_reused() -> Result<
         "spec": {"model": {"uri": url}, "replicas": 1},
     });
     place_on(&mut md, &node);
-    apply(&client, &ns.name, &md).await?;
+    // Two more objects need the same URI at the same moment: one resolution serves all.
+    let mut early = Vec::new();
+    for name in ["early-1", "early-2"] {
+        let mut ds = example("dataset.yaml")?;
+        ds["metadata"]["name"] = json!(name);
+        ds["spec"]["tokenStats"] = json!({"model": {"uri": url}});
+        place_on(&mut ds, &node);
+        early.push(ds);
+    }
+    let (a, b, c) = tokio::join!(
+        apply(&client, &ns.name, &md),
+        apply(&client, &ns.name, &early[0]),
+        apply(&client, &ns.name, &early[1])
+    );
+    (a?, b?, c?);
     let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
     let deployed = match eventually("the deployment to be Ready", WAIT, || async {
         let m = mds.get("from-https").await?;
@@ -179,8 +193,20 @@ async fn a_model_from_an_https_server_is_downloaded_once_and_reused() -> Result<
     assert_eq!(lineage.model.sha256, sha, "and the digest of what was downloaded");
     let cached = store.join(format!("models/sha256-{sha}/{MODEL_FILE}"));
     assert_eq!(llmops_worker::store::file_sha256(&cached)?, sha, "the cache holds the model under its digest");
+    let datasets: Api<Dataset> = Api::namespaced(client.clone(), &ns.name);
+    for name in ["early-1", "early-2"] {
+        eventually("the Datasets applied with it to succeed", WAIT, || async {
+            let d = datasets.get(name).await?;
+            let conds = d.status.clone().map(|s| s.common.conditions).unwrap_or_default();
+            if condition(&conds, "Failed").is_some_and(|c| c.status == "True") {
+                bail!("{name} failed: {:?}", ready_reason(&d));
+            }
+            Ok(condition(&conds, "Succeeded").filter(|c| c.status == "True").map(|_| ()))
+        })
+        .await?;
+    }
     let downloads = server.gets(MODEL_FILE);
-    assert!(downloads >= 1, "the resolver downloaded it");
+    assert_eq!(downloads, 1, "the resolver downloaded it once for all three");
 
     // Second: a Dataset whose token statistics use the same model reads the cached copy.
     let mut ds = example("dataset.yaml")?;
@@ -188,7 +214,6 @@ async fn a_model_from_an_https_server_is_downloaded_once_and_reused() -> Result<
     ds["spec"]["tokenStats"] = json!({"model": {"uri": url}});
     place_on(&mut ds, &node);
     apply(&client, &ns.name, &ds).await?;
-    let datasets: Api<Dataset> = Api::namespaced(client.clone(), &ns.name);
     let counted = eventually("the Dataset to succeed", WAIT, || async {
         let d = datasets.get("counted").await?;
         let conds = d.status.clone().map(|s| s.common.conditions).unwrap_or_default();

@@ -86,10 +86,10 @@ where tenants cannot write; with replicas > 1 the leader Lease lives there too.
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["get", "create", "patch", "delete"]
-# Model resolver: the token Secret of each resolver Job (read, else applied).
+# Model resolver: the token Secret of each resolver Job (read, else created once).
 - apiGroups: [""]
   resources: ["secrets"]
-  verbs: ["get", "create", "patch"]
+  verbs: ["get", "create"]
 # Model resolver: the resolver Job (read, else applied).
 - apiGroups: ["batch"]
   resources: ["jobs"]
