@@ -176,7 +176,9 @@ async fn a_model_from_an_https_server_is_downloaded_once_and_reused() -> Result<
         apply(&client, &ns.name, &early[0]),
         apply(&client, &ns.name, &early[1])
     );
-    (a?, b?, c?);
+    a?;
+    b?;
+    c?;
     let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
     let deployed = match eventually("the deployment to be Ready", WAIT, || async {
         let m = mds.get("from-https").await?;
