@@ -143,10 +143,14 @@ def scenario_api(base, traffic_dir):
     # Metrics: requests, errors by type, tokens.
     status, metrics = raw(base, "/metrics")
     assert status == 200
-    for needle in ('llmops_worker_request_errors_total{endpoint="/v1/chat/completions",type="model_not_found"} 1',
-                   "llmops_worker_generated_tokens_total", "llmops_worker_time_to_first_token_seconds_bucket",
+    # A deployment's server labels every series with the deployment and its revision.
+    errors = 'llmops_worker_request_errors_total{deployment="api-test",revision="rev-test",' \
+             'endpoint="/v1/chat/completions",type="model_not_found"} 1'
+    assert errors in metrics, metrics
+    for needle in ("llmops_worker_generated_tokens_total", "llmops_worker_time_to_first_token_seconds_bucket",
                    "llmops_worker_inter_token_latency_seconds_bucket", "llmops_worker_queue_depth",
-                   "llmops_worker_batch_size"):
+                   "llmops_worker_batch_size", "llmops_worker_request_duration_seconds_bucket",
+                   "llmops_worker_feedback_score_total"):
         assert needle in metrics, needle
 
 
