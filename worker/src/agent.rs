@@ -292,6 +292,8 @@ fn failure_event(error: &anyhow::Error) -> Event {
         (e.reason.to_string(), false)
     } else if let Some(e) = error.downcast_ref::<crate::resolve::ResolveFailure>() {
         (e.reason.to_string(), false)
+    } else if let Some(e) = error.downcast_ref::<crate::finetune::TrainingFailure>() {
+        (e.reason.to_string(), false)
     } else if let Some(i) = error.downcast_ref::<Interrupted>() {
         match i {
             Interrupted::Cancelled(_) => ("Cancelled".to_string(), false),

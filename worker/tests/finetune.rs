@@ -98,6 +98,25 @@ fn tiny_llama_learns_and_same_seed_gives_same_losses() {
 }
 
 #[test]
+fn a_diverging_run_stops_with_its_reason_and_writes_no_output() {
+    let dir = scratch("diverge");
+    let model = tiny_llama(&dir);
+    let data = facts(&dir);
+    let out = dir.join("out");
+    let run = worker()
+        .arg("finetune")
+        .args(["--model", model.to_str().expect("utf-8"), "--data", data.to_str().expect("utf-8")])
+        .args(["--method", "full", "--epochs", "100", "--max-steps", "10", "--batch-size", "4"])
+        .args(["--learning-rate", "1e30", "--out", &out.display().to_string()])
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success(), "a run whose loss is not a number must fail:\n{stderr}");
+    assert!(stderr.contains("the loss diverged at step"), "{stderr}");
+    assert!(!out.join("manifest.json").exists(), "no output reads as a success");
+}
+
+#[test]
 fn full_fine_tuning_learns_and_writes_a_loadable_model() {
     let dir = scratch("full");
     let model = tiny_llama(&dir);

@@ -199,7 +199,10 @@ impl BatchKind for EvalRun {
     fn figures(&self, s: &mut EvalRunStatus, observed: Option<&Observed>, _pinned: &Pinned, _key: &WorkloadKey) {
         let Some(result) = observed.and_then(|o| o.result.as_ref()) else { return };
         let generation = self.metadata.generation;
-        let results: Results = serde_json::from_str(&result.manifest_json).unwrap_or_default();
+        let results: Results = serde_json::from_str::<serde_json::Value>(&result.manifest_json)
+            .map(finite_only)
+            .and_then(serde_json::from_value)
+            .unwrap_or_default();
         if let Some(a) = &result.artifact {
             s.results_uri = Some(join_uri(&a.uri, "results.json"));
         }
@@ -208,6 +211,7 @@ impl BatchKind for EvalRun {
             s.metrics = result
                 .metrics
                 .iter()
+                .filter(|(_, v)| v.is_finite())
                 .filter_map(|(k, v)| {
                     serde_json::from_value(serde_json::Value::String(k.clone())).ok().map(|metric| MetricResult {
                         metric,
@@ -255,6 +259,29 @@ fn failed_thresholds(s: &EvalRunStatus) -> String {
 
 fn metric_name<T: serde::Serialize>(m: &T) -> String {
     serde_json::to_value(m).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+}
+
+/// results.json without the figures that are not finite numbers (JSON writes NaN and
+/// infinities as null): they never reach status as numbers. The verdict still says why.
+fn finite_only(mut v: serde_json::Value) -> serde_json::Value {
+    let number = |x: &serde_json::Value| x.as_f64().is_some_and(f64::is_finite);
+    for list in ["metrics", "thresholds"] {
+        if let Some(a) = v.get_mut(list).and_then(|x| x.as_array_mut()) {
+            a.retain(|e| number(&e["value"]));
+        }
+    }
+    // get_mut, not indexing: indexing a missing key would add it as null.
+    if let Some(a) = v.get_mut("baseline").and_then(|x| x.as_array_mut()) {
+        a.retain(|e| number(&e["value"]) && number(&e["baseline"]));
+    }
+    if let Some(a) = v.get_mut("worstSamples").and_then(|x| x.as_array_mut()) {
+        for sample in a {
+            if let Some(scores) = sample.get_mut("scores").and_then(|x| x.as_object_mut()) {
+                scores.retain(|_, x| number(x));
+            }
+        }
+    }
+    v
 }
 
 /// The parts of results.json that go into status.
@@ -309,5 +336,30 @@ mod tests {
         let passed = conditions::get(&status.common.conditions, PASSED).expect("Passed");
         assert_eq!((passed.status.as_str(), passed.reason.as_str()), ("False", "ThresholdsNotMet"));
         assert!(passed.message.contains("rougeL"), "{}", passed.message);
+
+        // Figures that are not numbers (null in JSON) never reach status, and the run
+        // still reads as failed, with the worker's reason.
+        let manifest = r#"{"passed": false, "samples": 20,
+            "reason": "tokenF1 has no finite value (NaN), so its threshold cannot hold",
+            "metrics": [{"metric": "tokenF1", "value": null}, {"metric": "rougeL", "value": 0.5}],
+            "thresholds": [{"metric": "tokenF1", "value": null, "passed": false}],
+            "worstSamples": [{"index": 1, "input": "q", "expected": "a", "output": "b",
+                              "scores": {"tokenF1": null, "rougeL": 0.5}}]}"#;
+        let mut observed = observed;
+        if let Some(r) = observed.result.as_mut() {
+            r.manifest_json = manifest.into();
+            r.metrics = [("tokenF1".to_string(), f64::NAN)].into();
+        }
+        let parsed: std::result::Result<Results, _> =
+            serde_json::from_value(finite_only(serde_json::from_str(manifest).expect("JSON")));
+        assert!(parsed.is_ok(), "{parsed:?}");
+        let mut status = EvalRunStatus::default();
+        run.figures(&mut status, Some(&observed), &pinned, &key);
+        assert_eq!(status.metrics.len(), 1, "only the finite rougeL: {:?}", status.metrics);
+        assert!(status.thresholds.is_empty());
+        assert_eq!(status.failing_samples[0].scores.len(), 1);
+        let passed = conditions::get(&status.common.conditions, PASSED).expect("Passed");
+        assert_eq!(passed.status, "False");
+        assert!(passed.message.contains("no finite value"), "{}", passed.message);
     }
 }

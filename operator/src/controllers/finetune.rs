@@ -80,10 +80,11 @@ impl BatchKind for FineTuneJob {
             if p.epoch > 0.0 {
                 s.epoch = Some(round(p.epoch));
             }
-            let m = |k: &str| p.metrics.get(k).copied().map(round);
+            // A figure that is not a finite number is never shown (as 0 or otherwise).
+            let m = |k: &str| p.metrics.get(k).copied().filter(|v| v.is_finite()).map(round);
             s.loss = m("loss").or(s.loss);
             s.eval_loss = m("eval_loss").or(s.eval_loss);
-            s.learning_rate = p.metrics.get("learning_rate").copied().or(s.learning_rate);
+            s.learning_rate = p.metrics.get("learning_rate").copied().filter(|v| v.is_finite()).or(s.learning_rate);
             s.tokens_per_second = m("tokens_per_second").or(s.tokens_per_second);
             s.eta = (p.eta_seconds > 0.0).then(|| format_eta(p.eta_seconds));
         }
@@ -95,10 +96,11 @@ impl BatchKind for FineTuneJob {
                 s.artifact = Some(Artifact { uri: a.uri.clone(), sha256: a.sha256.clone() });
             }
             s.eta = None;
-            if let Some(loss) = r.metrics.get("loss").or_else(|| r.metrics.get("train_loss")) {
+            if let Some(loss) = r.metrics.get("loss").or_else(|| r.metrics.get("train_loss")).filter(|l| l.is_finite())
+            {
                 s.loss = Some(round(*loss));
             }
-            if let Some(loss) = r.metrics.get("eval_loss") {
+            if let Some(loss) = r.metrics.get("eval_loss").filter(|l| l.is_finite()) {
                 s.eval_loss = Some(round(*loss));
             }
             if let (Some(step), Some(total)) = (s.step, s.total_steps) {
@@ -120,7 +122,32 @@ fn round(v: f64) -> f64 {
 
 #[cfg(test)]
 mod tests {
-    use super::round;
+    use super::*;
+
+    #[test]
+    fn a_loss_that_is_not_a_number_is_never_shown() {
+        let job: FineTuneJob =
+            serde_yaml_ng::from_str(include_str!("../../tests/fixtures/finetunejob.yaml")).expect("fixture");
+        let key = WorkloadKey { namespace: "ns".into(), kind: "FineTuneJob".into(), name: "t".into(), uid: "u".into() };
+        let pinned =
+            Pinned { token: String::new(), assignment: Default::default(), lineage: None, secret_files: vec![] };
+        let progress = |loss: f64| Observed {
+            progress: Some(llmops_proto::v1::Progress {
+                step: 3,
+                total_steps: 10,
+                metrics: [("loss".to_string(), loss)].into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let mut s = FineTuneJobStatus::default();
+        job.figures(&mut s, Some(&progress(f64::NAN)), &pinned, &key);
+        assert_eq!(s.loss, None, "NaN must not read as 0");
+        job.figures(&mut s, Some(&progress(2.5)), &pinned, &key);
+        assert_eq!(s.loss, Some(2.5));
+        job.figures(&mut s, Some(&progress(f64::INFINITY)), &pinned, &key);
+        assert_eq!(s.loss, Some(2.5), "the last finite loss stays");
+    }
 
     #[test]
     fn figures_keep_five_significant_digits() {

@@ -687,9 +687,22 @@ fn verdict(spec: &EvalAssignment, values: &[MetricValue]) -> Verdict {
     let mut reasons = Vec::new();
     let mut thresholds = Vec::new();
     for t in &spec.thresholds {
-        let Some(value) = value_of(&t.metric) else { continue };
-        let low = t.min.filter(|&min| value < min);
-        let high = t.max.filter(|&max| value > max);
+        // A threshold on a metric without a finite value fails: nothing was shown to hold.
+        let value = value_of(&t.metric).unwrap_or(f64::NAN);
+        if !value.is_finite() {
+            reasons.push(format!("{} has no finite value ({value}), so its threshold cannot hold", t.metric));
+            let mut v = json!({"metric": t.metric, "value": null, "passed": false});
+            if let Some(min) = t.min {
+                v["min"] = json!(min);
+            }
+            if let Some(max) = t.max {
+                v["max"] = json!(max);
+            }
+            thresholds.push(v);
+            continue;
+        }
+        let low = t.min.filter(|&min| value < min || !min.is_finite());
+        let high = t.max.filter(|&max| value > max || !max.is_finite());
         if let Some(min) = low {
             reasons.push(format!("{} {value:.4} is below the minimum {min}", t.metric));
         }
@@ -710,9 +723,20 @@ fn verdict(spec: &EvalAssignment, values: &[MetricValue]) -> Verdict {
         for (name, &base) in &b.metrics {
             let Some(value) = value_of(name) else { continue };
             let Ok(metric) = parse_metric(name) else { continue };
-            let regressed =
-                if lower_is_better(metric) { value > base + b.max_regression } else { value < base - b.max_regression };
-            if regressed {
+            // A comparison with a value that is not a finite number is a regression: it
+            // cannot show that nothing got worse.
+            let comparable = value.is_finite() && base.is_finite() && b.max_regression.is_finite();
+            let regressed = !comparable
+                || if lower_is_better(metric) {
+                    value > base + b.max_regression
+                } else {
+                    value < base - b.max_regression
+                };
+            if !comparable {
+                reasons.push(format!(
+                    "{name} cannot be compared with the baseline ({value} against {base}): not a finite number"
+                ));
+            } else if regressed {
                 reasons.push(format!(
                     "{name} regressed from {base:.4} ({}) to {value:.4}, more than the allowed {}",
                     if b.eval_run.is_empty() { "baseline" } else { &b.eval_run },
@@ -855,6 +879,37 @@ mod tests {
         // Lower perplexity is better: it does not regress by going down.
         let better = verdict(&spec, &[value(Metric::RougeL, 0.5), value(Metric::Perplexity, 3.0)]);
         assert!(better.passed, "{:?}", better.reason);
+    }
+
+    #[test]
+    fn a_value_that_is_not_a_number_never_passes() {
+        let spec = EvalAssignment {
+            thresholds: vec![
+                Threshold { metric: "tokenF1".into(), min: Some(0.5), max: None },
+                Threshold { metric: "perplexity".into(), min: None, max: Some(20.0) },
+            ],
+            ..Default::default()
+        };
+        let nan = verdict(&spec, &[value(Metric::TokenF1, f64::NAN), value(Metric::Perplexity, f64::INFINITY)]);
+        assert!(!nan.passed);
+        let reason = nan.reason.expect("a reason");
+        assert!(reason.contains("tokenF1 has no finite value"), "{reason}");
+        assert!(reason.contains("perplexity has no finite value"), "{reason}");
+        // A threshold on a metric that was not computed fails too.
+        let missing = verdict(&spec, &[value(Metric::TokenF1, 0.9)]);
+        assert!(!missing.passed, "a threshold without a value cannot pass");
+        // A baseline comparison with a NaN on either side fails.
+        let spec = EvalAssignment {
+            baseline: Some(Baseline {
+                eval_run: "base".into(),
+                metrics: [("rougeL".to_string(), f64::NAN)].into(),
+                max_regression: 0.0,
+            }),
+            ..Default::default()
+        };
+        let against_nan = verdict(&spec, &[value(Metric::RougeL, 0.9)]);
+        assert!(!against_nan.passed);
+        assert!(against_nan.reason.unwrap_or_default().contains("cannot be compared"));
     }
 
     #[test]
