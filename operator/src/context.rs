@@ -32,6 +32,8 @@ pub struct Context {
     pub stop_requests: Mutex<HashMap<String, Instant>>,
     /// Objects waiting for a model resolution, by record name.
     pub model_waiters: Mutex<HashMap<String, BTreeSet<Waiter>>>,
+    /// The key that seals the operator's state in tenants' namespaces (crate::seal).
+    pub state_key: tokio::sync::OnceCell<Vec<u8>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -52,6 +54,7 @@ impl Context {
             gateway,
             stop_requests: Mutex::new(HashMap::new()),
             model_waiters: Mutex::new(HashMap::new()),
+            state_key: tokio::sync::OnceCell::new(),
         }
     }
 

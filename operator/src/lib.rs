@@ -16,6 +16,7 @@ pub mod leader;
 pub mod metrics;
 pub mod models;
 pub mod pods;
+pub mod seal;
 pub mod status;
 pub mod workload;
 

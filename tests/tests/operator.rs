@@ -218,6 +218,59 @@ async fn dataset_becomes_a_job_and_its_result_comes_from_the_gateway() -> Result
 }
 
 #[tokio::test]
+async fn pinned_state_edited_or_planted_by_a_tenant_is_refused() -> Result<()> {
+    let (client, ns) = namespace_with_crds("op-tamper").await?;
+    let op = Operator::start(&client, &ns.name).await?;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    let datasets: Api<Dataset> = Api::namespaced(client.clone(), &ns.name);
+    let refused = |name: &'static str| {
+        let datasets = datasets.clone();
+        async move {
+            eventually("the pinned state to be refused", WAIT, || async {
+                let conds = datasets.get(name).await?.status.map(|s| s.common.conditions).unwrap_or_default();
+                let stalled = condition(&conds, "Stalled").is_some_and(|c| c.status == "True");
+                Ok(condition(&conds, "Ready").filter(|c| stalled && c.reason == "PinnedStateRefused").cloned())
+            })
+            .await
+        }
+    };
+
+    // Edited: the Assignment in the pinned Secret of a started Dataset is changed.
+    apply(&client, &ns.name, &example("dataset.yaml")?).await?;
+    let secret =
+        eventually("the pinned Secret", WAIT, || async { Ok(secrets.get_opt("acme-facts-prepare-token").await?) })
+            .await?;
+    let data = secret.data.clone().unwrap_or_default();
+    assert!(data.contains_key("seal"), "the operator seals what it pins");
+    let mut assignment: Value = serde_json::from_slice(&data["assignment.json"].0)?;
+    assignment["prepare"]["source"] = serde_json::json!({"uri": "store://other-tenant/dataset/x/output/train.jsonl"});
+    let patch = serde_json::json!({"stringData": {"assignment.json": assignment.to_string()}});
+    secrets
+        .patch("acme-facts-prepare-token", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch))
+        .await?;
+    let touch = serde_json::json!({"metadata": {"annotations": {"touched": "1"}}});
+    datasets.patch("acme-facts", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&touch)).await?;
+    let ready = refused("acme-facts").await?;
+    assert!(ready.message.contains("changed outside the operator"), "{}", ready.message);
+
+    // Planted: a Secret of the pinned Secret's name made before the object exists.
+    let planted: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "planted-prepare-token"},
+        "stringData": {"token": "mine", "assignment.json": "{}", "seal": "00"},
+    }))?;
+    secrets.create(&Default::default(), &planted).await?;
+    let mut ds = example("dataset.yaml")?;
+    ds["metadata"]["name"] = serde_json::json!("planted");
+    apply(&client, &ns.name, &ds).await?;
+    let ready = refused("planted").await?;
+    assert!(ready.message.contains("not controlled by this object"), "{}", ready.message);
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns.name);
+    assert!(jobs.get_opt("planted-prepare").await?.is_none(), "no Job runs planted inputs");
+    op.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
 async fn wrong_and_foreign_tokens_are_refused() -> Result<()> {
     let (client, ns) = namespace_with_crds("op-tokens").await?;
     let op = Operator::start(&client, &ns.name).await?;
@@ -1180,6 +1233,7 @@ async fn with_leader_election_one_replica_works_and_the_other_takes_over() -> Re
         let addr = format!("127.0.0.1:{port}");
         let mut config = Config::new(addr.parse()?, addr);
         config.namespaces = vec![ns.name.clone()];
+        config.resolver_namespace = ns.name.clone();
         let mut election = llmops_operator::leader::LeaderElection::new(&ns.name, "llmops-operator", identity);
         election.lease_duration = Duration::from_secs(3);
         election.renew_interval = Duration::from_secs(1);

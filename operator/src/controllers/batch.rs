@@ -221,7 +221,31 @@ async fn reconcile_inner<K: BatchKind>(
     }
 
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &key.namespace);
-    let pinned = match read_pinned(&secrets, &secret_name).await.at(Step::Dereference)? {
+    let seal_key = crate::seal::key(ctx).await.at(Step::Dereference)?;
+    let read = read_pinned(&secrets, &secret_name, &seal_key, &key.uid).await.at(Step::Dereference)?;
+    let read = match read {
+        Err(refused) => {
+            // Edited outside the operator, or left by another object: never acted on.
+            let why = match refused {
+                crate::seal::Refused::NotOwned => "is not controlled by this object (left by an earlier one?)",
+                crate::seal::Refused::BadSeal => "was changed outside the operator (its seal does not verify)",
+            };
+            let message = format!(
+                "the Secret {secret_name} holding this object's pinned inputs {why}; delete it and the operator \
+                 pins the inputs again"
+            );
+            let state = status::invalid(&old, "PinnedStateRefused", &message, generation, &now);
+            let mut new_status = old_status.clone();
+            K::set_batch(&mut new_status, state);
+            write_status(ctx, &api, key, &old_status, &new_status).await.at(Step::UpdateStatus)?;
+            ctx.gateway.forget(&key.uid);
+            tracing::warn!(workload = %key, secret = %secret_name, "refusing pinned state: {message}");
+            ctx.event(obj, true, "PinnedStateRefused", message).await;
+            return Ok(Action::requeue(Duration::from_secs(30)));
+        }
+        Ok(read) => read,
+    };
+    let pinned = match read {
         Some(p) => p,
         // Finished without inputs pinned means an invalid spec: only a new generation
         // can change that.
@@ -258,7 +282,7 @@ async fn reconcile_inner<K: BatchKind>(
                     lineage,
                     secret_files,
                 };
-                create_pinned(&secrets, obj, key, &secret_name, pinned).await.at(Step::Apply)?
+                create_pinned(&secrets, obj, key, &secret_name, pinned, &seal_key).await.at(Step::Apply)?
             }
         },
     };
@@ -418,17 +442,27 @@ async fn remove_finalizer<K: BatchKind>(api: &Api<K>, obj: &K) -> Result<()> {
     }
 }
 
-async fn read_pinned(secrets: &Api<Secret>, name: &str) -> Result<Option<Pinned>> {
-    let Some(secret) = secrets.get_opt(name).await? else { return Ok(None) };
+/// The pinned inputs of the object `uid`: none yet, the verified ones, or why the Secret
+/// there is refused.
+async fn read_pinned(
+    secrets: &Api<Secret>,
+    name: &str,
+    seal_key: &[u8],
+    uid: &str,
+) -> Result<std::result::Result<Option<Pinned>, crate::seal::Refused>> {
+    let Some(secret) = secrets.get_opt(name).await? else { return Ok(Ok(None)) };
+    if let Err(refused) = crate::seal::verify(seal_key, uid, &secret) {
+        return Ok(Err(refused));
+    }
     let data = secret.data.unwrap_or_default();
     let text = |k: &str| data.get(k).map(|b| String::from_utf8_lossy(&b.0).into_owned());
-    let (Some(token), Some(assignment)) = (text(TOKEN_KEY), text("assignment.json")) else { return Ok(None) };
-    Ok(Some(Pinned {
+    let (Some(token), Some(assignment)) = (text(TOKEN_KEY), text("assignment.json")) else { return Ok(Ok(None)) };
+    Ok(Ok(Some(Pinned {
         token,
         assignment: serde_json::from_str(&assignment)?,
         lineage: text("lineage.json").map(|t| serde_json::from_str(&t)).transpose()?,
         secret_files: text("secret-files.json").map(|t| serde_json::from_str(&t)).transpose()?.unwrap_or_default(),
-    }))
+    })))
 }
 
 async fn create_pinned<K: BatchKind>(
@@ -437,6 +471,7 @@ async fn create_pinned<K: BatchKind>(
     key: &WorkloadKey,
     name: &str,
     pinned: Pinned,
+    seal_key: &[u8],
 ) -> Result<Pinned> {
     let mut data = std::collections::BTreeMap::new();
     data.insert(TOKEN_KEY.to_string(), ByteString(pinned.token.clone().into_bytes()));
@@ -445,6 +480,8 @@ async fn create_pinned<K: BatchKind>(
         data.insert("lineage.json".into(), ByteString(serde_json::to_vec(l)?));
     }
     data.insert("secret-files.json".into(), ByteString(serde_json::to_vec(&pinned.secret_files)?));
+    let seal = crate::seal::seal(seal_key, &key.uid, &data);
+    data.insert(crate::seal::SEAL_KEY.into(), ByteString(seal.into_bytes()));
     let secret = Secret {
         metadata: ObjectMeta {
             name: Some(name.to_string()),
@@ -464,9 +501,11 @@ async fn create_pinned<K: BatchKind>(
             Ok(pinned)
         }
         // Another reconcile (or an operator before a restart) created it first: use its.
-        Err(kube::Error::Api(s)) if s.code == 409 => {
-            read_pinned(secrets, name).await?.ok_or(Error::MissingMetadata("token secret data"))
-        }
+        Err(kube::Error::Api(s)) if s.code == 409 => read_pinned(secrets, name, seal_key, &key.uid)
+            .await?
+            .ok()
+            .flatten()
+            .ok_or(Error::MissingMetadata("a sealed token Secret of this object")),
         Err(e) => Err(e.into()),
     }
 }
