@@ -86,7 +86,8 @@ where tenants cannot write; with replicas > 1 the leader Lease lives there too.
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["get", "create", "patch", "delete"]
-# Model resolver: the token Secret of each resolver Job (read, else created once).
+# Model resolver: the token Secret of each resolver Job (read, else created once); the
+# operator's state key Secret (llmops-operator-state-key), made on first use.
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get", "create"]
