@@ -121,6 +121,19 @@ pub struct ApiServer {
 /// Where the kubelet mounts a pod's service account credentials.
 pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
+/// Places a custom resource's pods on the development node named `node` (its node
+/// selector and the toleration of its taint), with no GPU and requests a node of this
+/// machine holds (250m CPU, 1Gi).
+pub fn place_on(manifest: &mut serde_json::Value, node: &str) {
+    manifest["spec"]["resources"] = serde_json::json!({
+        "gpus": 0,
+        "cpu": "250m",
+        "memory": "1Gi",
+        "nodeSelector": {NODE_LABEL: "true", "kubernetes.io/hostname": node},
+        "tolerations": [{"key": NODE_TAINT, "operator": "Exists", "effect": "NoSchedule"}],
+    });
+}
+
 impl DevNodeConfig {
     /// A node named `node_name` with this machine's CPUs and memory as capacity.
     pub fn new(node_name: impl Into<String>, worker_binary: PathBuf, work_dir: PathBuf) -> Self {

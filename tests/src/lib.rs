@@ -299,6 +299,31 @@ pub async fn apply(client: &Client, ns: &str, manifest: &Value) -> Result<()> {
     Ok(())
 }
 
+/// Waits until `name` has condition `condition_type` True and returns it; fails at once
+/// when its Failed condition turns True, and on timeout, with its conditions.
+pub async fn until_condition<K>(api: &Api<K>, name: &str, condition_type: &str, timeout: Duration) -> Result<K>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    let found = eventually(&format!("{name} to be {condition_type}"), timeout, || async {
+        let obj = api.get(name).await?;
+        let v = serde_json::to_value(&obj)?;
+        let conds = v["status"]["conditions"].as_array().cloned().unwrap_or_default();
+        if conds.iter().any(|c| c["type"] == "Failed" && c["status"] == "True") {
+            bail!("{name} failed: {conds:?}");
+        }
+        Ok(conds.iter().any(|c| c["type"] == condition_type && c["status"] == "True").then_some(obj))
+    })
+    .await;
+    match found {
+        Ok(obj) => Ok(obj),
+        Err(e) => {
+            let v = serde_json::to_value(api.get(name).await?)?;
+            bail!("{e:#}; its conditions: {}", v["status"]["conditions"])
+        }
+    }
+}
+
 /// The condition of type `t`.
 pub fn condition<'a>(
     conds: &'a [k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],

@@ -14,8 +14,8 @@ use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule, Role};
 use kube::ResourceExt;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use llmops_crds::{Dataset, EvalRun, FineTuneJob, ModelDeployment};
-use llmops_tests::dev_node::{DevNode, DevNodeConfig, NODE_LABEL, NODE_TAINT};
-use llmops_tests::{TestNamespace, apply, eventually, example, namespace_with_crds, repo_root};
+use llmops_tests::dev_node::{DevNode, DevNodeConfig, NODE_LABEL, NODE_TAINT, place_on};
+use llmops_tests::{TestNamespace, apply, eventually, example, namespace_with_crds, repo_root, until_condition};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(240);
@@ -36,39 +36,6 @@ const NOT_PROVOKED: &[(&str, &str, &str, &str, &str)] = &[
 
 fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn place_on(manifest: &mut Value, node: &str) {
-    manifest["spec"]["resources"] = json!({
-        "gpus": 0,
-        "cpu": "250m",
-        "memory": "1Gi",
-        "nodeSelector": {NODE_LABEL: "true", "kubernetes.io/hostname": node},
-        "tolerations": [{"key": NODE_TAINT, "operator": "Exists", "effect": "NoSchedule"}],
-    });
-}
-
-async fn until_true<K>(api: &Api<K>, name: &str, condition_type: &str) -> Result<K>
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
-{
-    let found = eventually(&format!("{name} to be {condition_type}"), WAIT, || async {
-        let obj = api.get(name).await?;
-        let v = serde_json::to_value(&obj)?;
-        let conds = v["status"]["conditions"].as_array().cloned().unwrap_or_default();
-        if conds.iter().any(|c| c["type"] == "Failed" && c["status"] == "True") {
-            bail!("{name} failed: {conds:?}");
-        }
-        Ok(conds.iter().any(|c| c["type"] == condition_type && c["status"] == "True").then_some(obj))
-    })
-    .await;
-    match found {
-        Ok(obj) => Ok(obj),
-        Err(e) => {
-            let v = serde_json::to_value(api.get(name).await?)?;
-            bail!("{e:#}; its conditions: {}", v["status"]["conditions"])
-        }
-    }
 }
 
 /// The logs the development node kept of a namespace's pods (`<ns>_<pod>/log`).
@@ -199,12 +166,13 @@ async fn the_chart_installs_an_operator_that_runs_the_pipeline_with_exactly_the_
     for m in [&dataset, &example("promptversion.yaml")?, &tune, &eval, &md] {
         apply(&client, &ns.name, m).await?;
     }
-    until_true(&Api::<Dataset>::namespaced(client.clone(), &ns.name), "acme-facts", "Succeeded").await?;
+    until_condition(&Api::<Dataset>::namespaced(client.clone(), &ns.name), "acme-facts", "Succeeded", WAIT).await?;
     let tunes: Api<FineTuneJob> = Api::namespaced(client.clone(), &ns.name);
-    until_true(&tunes, "acme-facts-lora", "Succeeded").await?;
-    until_true(&Api::<EvalRun>::namespaced(client.clone(), &ns.name), "acme-facts-lora-eval", "Succeeded").await?;
+    until_condition(&tunes, "acme-facts-lora", "Succeeded", WAIT).await?;
+    until_condition(&Api::<EvalRun>::namespaced(client.clone(), &ns.name), "acme-facts-lora-eval", "Succeeded", WAIT)
+        .await?;
     let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
-    let first = until_true(&mds, "chat", "Ready").await?;
+    let first = until_condition(&mds, "chat", "Ready", WAIT).await?;
     let first_revision = first.status.and_then(|s| s.serving_revision).context("serving revision")?;
     // An evaluation of the deployment's endpoint.
     let mut of_endpoint = example("evalrun.yaml")?;
@@ -216,7 +184,7 @@ async fn the_chart_installs_an_operator_that_runs_the_pipeline_with_exactly_the_
     of_endpoint["spec"]["generation"] = json!({"maxTokens": 8, "temperature": 0.0});
     place_on(&mut of_endpoint, &node_name);
     apply(&client, &ns.name, &of_endpoint).await?;
-    until_true(&Api::<EvalRun>::namespaced(client.clone(), &ns.name), "of-endpoint", "Succeeded").await?;
+    until_condition(&Api::<EvalRun>::namespaced(client.clone(), &ns.name), "of-endpoint", "Succeeded", WAIT).await?;
     let change = json!({"spec": {"serving": {"maxBatchSize": 2}, "autoscaling": null}});
     mds.patch("chat", &PatchParams::default(), &Patch::Merge(&change)).await?;
     eventually("the second revision to serve", WAIT, || async {

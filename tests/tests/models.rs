@@ -14,9 +14,9 @@ use kube::Client;
 use kube::api::{Api, ListParams, PostParams};
 use llmops_crds::{Dataset, ModelDeployment};
 use llmops_operator::StoreConfig;
-use llmops_tests::dev_node::{DevNode, DevNodeConfig, NODE_LABEL, NODE_TAINT};
+use llmops_tests::dev_node::{DevNode, DevNodeConfig, place_on};
 use llmops_tests::{Operator, apply, condition, eventually, example, namespace_with_crds};
-use serde_json::{Value, json};
+use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(180);
 const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -107,16 +107,6 @@ impl Drop for HttpsServer {
     }
 }
 
-fn place_on(manifest: &mut Value, node: &DevNode) {
-    manifest["spec"]["resources"] = json!({
-        "gpus": 0,
-        "cpu": "250m",
-        "memory": "1Gi",
-        "nodeSelector": {NODE_LABEL: "true", "kubernetes.io/hostname": node.config.node_name},
-        "tolerations": [{"key": NODE_TAINT, "operator": "Exists", "effect": "NoSchedule"}],
-    });
-}
-
 fn ready_reason<K: serde::Serialize>(obj: &K) -> (String, String, bool) {
     let v = serde_json::to_value(obj).unwrap_or_default();
     let conds = v["status"]["conditions"].as_array().cloned().unwrap_or_default();
@@ -161,14 +151,14 @@ async fn a_model_from_an_https_server_is_downloaded_once_and_reused() -> Result<
         "apiVersion": "llmops.dev/v1alpha1", "kind": "ModelDeployment", "metadata": {"name": "from-https"},
         "spec": {"model": {"uri": url}, "replicas": 1},
     });
-    place_on(&mut md, &node);
+    place_on(&mut md, &node.config.node_name);
     // Two more objects need the same URI at the same moment: one resolution serves all.
     let mut early = Vec::new();
     for name in ["early-1", "early-2"] {
         let mut ds = example("dataset.yaml")?;
         ds["metadata"]["name"] = json!(name);
         ds["spec"]["tokenStats"] = json!({"model": {"uri": url}});
-        place_on(&mut ds, &node);
+        place_on(&mut ds, &node.config.node_name);
         early.push(ds);
     }
     let (a, b, c) = tokio::join!(
@@ -214,7 +204,7 @@ async fn a_model_from_an_https_server_is_downloaded_once_and_reused() -> Result<
     let mut ds = example("dataset.yaml")?;
     ds["metadata"]["name"] = json!("counted");
     ds["spec"]["tokenStats"] = json!({"model": {"uri": url}});
-    place_on(&mut ds, &node);
+    place_on(&mut ds, &node.config.node_name);
     apply(&client, &ns.name, &ds).await?;
     let counted = eventually("the Dataset to succeed", WAIT, || async {
         let d = datasets.get("counted").await?;
@@ -242,7 +232,7 @@ async fn a_model_from_an_https_server_is_downloaded_once_and_reused() -> Result<
     let mut pinned = example("dataset.yaml")?;
     pinned["metadata"]["name"] = json!("pinned-wrong");
     pinned["spec"]["tokenStats"] = json!({"model": {"uri": url, "sha256": wrong}});
-    place_on(&mut pinned, &node);
+    place_on(&mut pinned, &node.config.node_name);
     apply(&client, &ns.name, &pinned).await?;
     let (reason, message) = eventually("the Dataset to stall", WAIT, || async {
         let d = datasets.get("pinned-wrong").await?;

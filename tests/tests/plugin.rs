@@ -15,7 +15,7 @@ use kube::Client;
 use kube::api::Api;
 use llmops_crds::{Dataset, EvalRun, FineTuneJob, ModelDeployment, PromptVersion};
 use llmops_operator::StoreConfig;
-use llmops_tests::dev_node::{DevNode, DevNodeConfig, NODE_LABEL, NODE_TAINT};
+use llmops_tests::dev_node::{DevNode, DevNodeConfig, place_on};
 use llmops_tests::{Operator, apply, condition, eventually, example, namespace_with_crds, repo_root};
 use serde_json::{Value, json};
 
@@ -96,16 +96,6 @@ fn drawn_under(text: &str, child: &str) -> Option<String> {
 }
 
 /// Pins a workload's pods to `node`, asking for a quarter of a core.
-fn place_on(manifest: &mut Value, node: &DevNode) {
-    manifest["spec"]["resources"] = json!({
-        "gpus": 0,
-        "cpu": "250m",
-        "memory": "1Gi",
-        "nodeSelector": {NODE_LABEL: "true", "kubernetes.io/hostname": node.config.node_name},
-        "tolerations": [{"key": NODE_TAINT, "operator": "Exists", "effect": "NoSchedule"}],
-    });
-}
-
 /// An example of examples/pipeline/ for the test's namespace (apply sets it).
 fn pipeline_example(file: &str) -> Result<Value> {
     let mut manifest = example(file)?;
@@ -147,14 +137,14 @@ async fn the_plugin_draws_the_pipeline_follows_lineage_chats_and_explains_where_
 
 async fn exercise(client: &Client, ns: &str, node: &DevNode, binary: &Path) -> Result<()> {
     let mut dataset = pipeline_example("dataset.yaml")?;
-    place_on(&mut dataset, node);
+    place_on(&mut dataset, &node.config.node_name);
     apply(client, ns, &dataset).await?;
     apply(client, ns, &pipeline_example("promptversion.yaml")?).await?;
     // The example's fine-tune, cut to two steps: what it learns does not matter here.
     let mut job = pipeline_example("finetunejob.yaml")?;
     job["spec"]["hyperparameters"]["maxSteps"] = json!(2);
     job["spec"]["hyperparameters"]["warmupSteps"] = json!(1);
-    place_on(&mut job, node);
+    place_on(&mut job, &node.config.node_name);
     apply(client, ns, &job).await?;
     let mut orphan = json!({
         "apiVersion": "llmops.dev/v1alpha1",
@@ -166,7 +156,7 @@ async fn exercise(client: &Client, ns: &str, node: &DevNode, binary: &Path) -> R
             "metrics": ["contains"],
         },
     });
-    place_on(&mut orphan, node);
+    place_on(&mut orphan, &node.config.node_name);
     apply(client, ns, &orphan).await?;
     let mut md = json!({
         "apiVersion": "llmops.dev/v1alpha1",
@@ -180,7 +170,7 @@ async fn exercise(client: &Client, ns: &str, node: &DevNode, binary: &Path) -> R
             "serving": {"maxBatchSize": 2, "maxQueue": 4, "contextLength": 512},
         },
     });
-    place_on(&mut md, node);
+    place_on(&mut md, &node.config.node_name);
     apply(client, ns, &md).await?;
 
     let datasets: Api<Dataset> = Api::namespaced(client.clone(), ns);

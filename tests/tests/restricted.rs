@@ -6,52 +6,19 @@
 
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use kube::ResourceExt;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use llmops_crds::{Dataset, EvalRun, FineTuneJob, ModelDeployment};
-use llmops_tests::dev_node::{DevNode, DevNodeConfig, NODE_LABEL, NODE_TAINT};
+use llmops_tests::dev_node::{DevNode, DevNodeConfig, place_on};
 use llmops_tests::s3::S3Server;
-use llmops_tests::{Operator, apply, eventually, example, namespace_with_crds};
+use llmops_tests::{Operator, apply, example, namespace_with_crds, until_condition};
 use object_store::ObjectStoreExt;
-use serde_json::{Value, json};
+use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(180);
 const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-
-fn place_on(manifest: &mut Value, node: &DevNode) {
-    manifest["spec"]["resources"] = json!({
-        "gpus": 0,
-        "cpu": "250m",
-        "memory": "1Gi",
-        "nodeSelector": {NODE_LABEL: "true", "kubernetes.io/hostname": node.config.node_name},
-        "tolerations": [{"key": NODE_TAINT, "operator": "Exists", "effect": "NoSchedule"}],
-    });
-}
-
-async fn until_true<K>(api: &Api<K>, name: &str, condition_type: &str) -> Result<K>
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
-{
-    let found = eventually(&format!("{name} to be {condition_type}"), WAIT, || async {
-        let obj = api.get(name).await?;
-        let v = serde_json::to_value(&obj)?;
-        let conds = v["status"]["conditions"].as_array().cloned().unwrap_or_default();
-        if conds.iter().any(|c| c["type"] == "Failed" && c["status"] == "True") {
-            bail!("{name} failed: {conds:?}");
-        }
-        Ok(conds.iter().any(|c| c["type"] == condition_type && c["status"] == "True").then_some(obj))
-    })
-    .await;
-    match found {
-        Ok(obj) => Ok(obj),
-        Err(e) => {
-            let v = serde_json::to_value(api.get(name).await?)?;
-            bail!("{e:#}; its conditions: {}", v["status"]["conditions"])
-        }
-    }
-}
 
 #[tokio::test]
 async fn every_kind_runs_in_a_namespace_that_enforces_the_restricted_standard() -> Result<()> {
@@ -124,17 +91,19 @@ async fn every_kind_runs_in_a_namespace_that_enforces_the_restricted_standard() 
         "spec": {"model": {"uri": ns_key(MODEL_FILE)}, "replicas": 1},
     });
     for m in [&mut dataset, &mut tune, &mut eval, &mut md] {
-        place_on(m, &node);
+        place_on(m, &node.config.node_name);
     }
     for m in [&dataset, &example("promptversion.yaml")?, &tune, &eval, &md] {
         apply(&client, &ns.name, m).await?;
     }
 
-    until_true(&Api::<Dataset>::namespaced(client.clone(), &ns.name), "acme-facts", "Succeeded").await?;
-    until_true(&Api::<FineTuneJob>::namespaced(client.clone(), &ns.name), "acme-facts-lora", "Succeeded").await?;
-    until_true(&Api::<EvalRun>::namespaced(client.clone(), &ns.name), "acme-facts-lora-eval", "Succeeded").await?;
+    until_condition(&Api::<Dataset>::namespaced(client.clone(), &ns.name), "acme-facts", "Succeeded", WAIT).await?;
+    until_condition(&Api::<FineTuneJob>::namespaced(client.clone(), &ns.name), "acme-facts-lora", "Succeeded", WAIT)
+        .await?;
+    until_condition(&Api::<EvalRun>::namespaced(client.clone(), &ns.name), "acme-facts-lora-eval", "Succeeded", WAIT)
+        .await?;
     let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
-    until_true(&mds, "restricted", "Ready").await?;
+    until_condition(&mds, "restricted", "Ready", WAIT).await?;
 
     // Every pod the operator made (the resolver's too) passed admission and ran here.
     let made = pods.list(&ListParams::default().labels("llmops.dev/worker=true")).await?.items;

@@ -16,7 +16,7 @@ use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::{Client, ResourceExt};
 use llmops_crds::{Dataset, EvalRun, ModelDeployment};
 use llmops_operator::StoreConfig;
-use llmops_tests::dev_node::{DevNode, DevNodeConfig, NODE_LABEL, NODE_TAINT};
+use llmops_tests::dev_node::{DevNode, DevNodeConfig, place_on};
 use llmops_tests::{Operator, apply, condition, eventually, namespace_with_crds, repo_root};
 use serde_json::{Value, json};
 
@@ -65,16 +65,6 @@ fn free_port() -> Result<u16> {
 }
 
 /// Pins a workload's pods to `node`, asking for a quarter of a core.
-fn place_on(manifest: &mut Value, node: &DevNode) {
-    manifest["spec"]["resources"] = json!({
-        "gpus": 0,
-        "cpu": "250m",
-        "memory": "1Gi",
-        "nodeSelector": {NODE_LABEL: "true", "kubernetes.io/hostname": node.config.node_name},
-        "tolerations": [{"key": NODE_TAINT, "operator": "Exists", "effect": "NoSchedule"}],
-    });
-}
-
 fn deployment_manifest(name: &str, node: &DevNode) -> Value {
     let mut md = json!({
         "apiVersion": "llmops.dev/v1alpha1",
@@ -86,7 +76,7 @@ fn deployment_manifest(name: &str, node: &DevNode) -> Value {
             "serving": {"maxBatchSize": 4, "maxQueue": 16, "contextLength": 1024},
         },
     });
-    place_on(&mut md, node);
+    place_on(&mut md, &node.config.node_name);
     md
 }
 
@@ -297,7 +287,7 @@ async fn a_model_deployment_serves_scales_autoscales_and_turns_feedback_into_a_d
             "split": {"train": 1.0, "validation": 0.0, "test": 0.0, "seed": 1},
         },
     });
-    place_on(&mut dataset, &node);
+    place_on(&mut dataset, &node.config.node_name);
     apply(&client, &ns.name, &dataset).await?;
     let datasets: Api<Dataset> = Api::namespaced(client.clone(), &ns.name);
     let ds = eventually("the feedback Dataset to succeed", RUN, || async {
@@ -407,7 +397,7 @@ fn capitals(name: &str, city: &str, node: &DevNode) -> Value {
             "split": {"train": 0.0, "validation": 0.0, "test": 1.0, "seed": 1},
         },
     });
-    place_on(&mut ds, node);
+    place_on(&mut ds, &node.config.node_name);
     ds
 }
 
