@@ -288,11 +288,7 @@ fn result_event(assignment: &Assignment, ran: &Assignment, outcome: &Value) -> R
 /// The Failure event of a mode that ended with an error.
 fn failure_event(error: &anyhow::Error) -> Event {
     let message = format!("{error:#}");
-    let (reason, retryable) = if let Some(e) = error.downcast_ref::<crate::eval::EvalFailure>() {
-        (e.reason.to_string(), false)
-    } else if let Some(e) = error.downcast_ref::<crate::resolve::ResolveFailure>() {
-        (e.reason.to_string(), false)
-    } else if let Some(e) = error.downcast_ref::<crate::finetune::TrainingFailure>() {
+    let (reason, retryable) = if let Some(e) = error.downcast_ref::<crate::report::ModeFailure>() {
         (e.reason.to_string(), false)
     } else if let Some(i) = error.downcast_ref::<Interrupted>() {
         match i {

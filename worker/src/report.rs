@@ -123,3 +123,15 @@ pub enum Interrupted {
     #[error("stopped after writing the checkpoint of step {0}, as asked")]
     Stopped(u64),
 }
+
+/// Why a mode could not do its work, with a stable CamelCase `reason` for conditions and
+/// events (InvalidAssignment, InputNotFound, DigestMismatch, TargetErrors, JudgeErrors,
+/// NothingToScore, TrainingDiverged). The agent reports it as the Failure's reason.
+#[derive(Debug, thiserror::Error)]
+#[error("{reason}: {message}")]
+pub struct ModeFailure {
+    /// The reason.
+    pub reason: &'static str,
+    /// What happened, with figures.
+    pub message: String,
+}

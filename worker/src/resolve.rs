@@ -17,28 +17,12 @@ use anyhow::{Context, Result, bail};
 use llmops_proto::v1::{Assignment, ResolveAssignment, Store, assignment::Mode, store::Backend};
 use serde_json::{Value, json};
 
+use crate::report::ModeFailure;
 use crate::staging::Bucket;
 use crate::store::{dir_digest, file_sha256, is_remote, local_path};
 
-/// A resolution that cannot succeed as asked, with a stable reason.
-#[derive(Debug)]
-pub struct ResolveFailure {
-    /// CamelCase reason: DigestMismatch, InputNotFound or InvalidAssignment.
-    pub reason: &'static str,
-    /// For a person.
-    pub message: String,
-}
-
-impl std::fmt::Display for ResolveFailure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.message)
-    }
-}
-
-impl std::error::Error for ResolveFailure {}
-
 fn failure(reason: &'static str, message: impl Into<String>) -> anyhow::Error {
-    ResolveFailure { reason, message: message.into() }.into()
+    ModeFailure { reason, message: message.into() }.into()
 }
 
 /// Resolves the Assignment's source into the cache; returns the record of the entry:
@@ -314,7 +298,7 @@ mod tests {
         std::fs::write(dir.as_path().join("m.gguf"), b"weights")?;
         let wrong = "0".repeat(64);
         let err = run(&assignment(dir.as_path(), "store://m.gguf", &wrong)).unwrap_err();
-        let f = err.downcast_ref::<ResolveFailure>().expect("a typed failure");
+        let f = err.downcast_ref::<ModeFailure>().expect("a typed failure");
         assert_eq!(f.reason, "DigestMismatch");
         assert!(f.message.contains(&wrong), "{}", f.message);
         assert!(
@@ -349,8 +333,8 @@ mod tests {
     fn plain_http_without_a_pinned_digest_and_missing_sources_are_refused() {
         let dir = scratch("refused");
         let err = run(&assignment(dir.as_path(), "http://example.invalid/m.gguf", "")).unwrap_err();
-        assert_eq!(err.downcast_ref::<ResolveFailure>().map(|f| f.reason), Some("InvalidAssignment"));
+        assert_eq!(err.downcast_ref::<ModeFailure>().map(|f| f.reason), Some("InvalidAssignment"));
         let err = run(&assignment(dir.as_path(), "store://imports/none.gguf", "")).unwrap_err();
-        assert_eq!(err.downcast_ref::<ResolveFailure>().map(|f| f.reason), Some("InputNotFound"));
+        assert_eq!(err.downcast_ref::<ModeFailure>().map(|f| f.reason), Some("InputNotFound"));
     }
 }

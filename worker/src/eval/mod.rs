@@ -39,16 +39,9 @@ const SHOWN_CHARS: usize = 500;
 /// Time limit of one request to an endpoint.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// Why an evaluation could not produce a verdict. `reason` is a stable CamelCase word
-/// for conditions and events.
-#[derive(Debug, thiserror::Error)]
-#[error("{reason}: {message}")]
-pub struct EvalFailure {
-    /// TargetErrors, JudgeErrors, DigestMismatch, NothingToScore.
-    pub reason: &'static str,
-    /// What happened, with figures.
-    pub message: String,
-}
+/// Why an evaluation could not produce a verdict (TargetErrors, JudgeErrors,
+/// DigestMismatch, NothingToScore).
+pub use crate::report::ModeFailure as EvalFailure;
 
 /// Everything the run needs, resolved.
 struct Plan<'a> {

@@ -212,23 +212,6 @@ pub fn options(assignment: &Assignment) -> Result<TrainOptions> {
     })
 }
 
-/// Training that cannot go on, with a stable reason (TrainingDiverged).
-#[derive(Debug)]
-pub struct TrainingFailure {
-    /// CamelCase reason.
-    pub reason: &'static str,
-    /// For a person.
-    pub message: String,
-}
-
-impl std::fmt::Display for TrainingFailure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.message)
-    }
-}
-
-impl std::error::Error for TrainingFailure {}
-
 /// Runs the finetune mode of `assignment`; returns the manifest it wrote.
 pub fn run(assignment: &Assignment) -> Result<Value> {
     let opts = options(assignment)?;
@@ -435,7 +418,7 @@ pub fn train(opts: &TrainOptions, assignment: &Assignment, report: &mut dyn FnMu
         // A loss or gradient that is not a finite number has diverged: stop before the
         // update, so the weights and the last checkpoint stay as they were.
         if !loss_sum.is_finite() || !grad_norm.is_finite() {
-            return Err(TrainingFailure {
+            return Err(crate::report::ModeFailure {
                 reason: "TrainingDiverged",
                 message: format!(
                     "the loss diverged at step {}/{total}: loss {}, gradient norm {grad_norm} (learning rate {lr:.2e}); \
