@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::common::{
     CommonStatus, LineageInput, LocalRef, ModelSource, NamedAdapter, Resources, SecretKeyRef, default_true,
 };
+use crate::dataset::RedactTransform;
 use crate::evalrun::Evaluation;
 
 /// Serves a model, and named LoRA adapters beside it, with an OpenAI-compatible REST API.
@@ -162,18 +163,27 @@ impl Default for ServingLimits {
 }
 
 /// Traffic recording.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TrafficRecording {
     /// Record each completion (id, revision, messages, output, time) into the traffic log.
     /// Feedback is recorded either way.
     #[serde(default = "default_true")]
     pub record: bool,
+    /// Delete traffic records (completions and feedback) older than this many days;
+    /// absent: keep them until the ModelDeployment is deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 3650))]
+    pub retention_days: Option<i32>,
+    /// Redact personal data from recorded messages and outputs before they are written,
+    /// with the same redactor (and placeholders) as a Dataset's `redact` transform.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redact: Option<RedactTransform>,
 }
 
 impl Default for TrafficRecording {
     fn default() -> Self {
-        Self { record: true }
+        Self { record: true, retention_days: None, redact: None }
     }
 }
 

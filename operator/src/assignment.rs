@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use llmops_crds::dataset::{DataFormat, DatasetSpec, PiiKind, RecordSchema, UnicodeForm};
+use llmops_crds::dataset::{DataFormat, DatasetSpec, PiiKind, RecordSchema, RedactTransform, UnicodeForm};
 use llmops_crds::deployment::ModelDeploymentSpec;
 use llmops_crds::evalrun::EvalRunSpec;
 use llmops_crds::finetune::{FineTuneJobSpec, FineTuneMethod, SplitName};
@@ -184,24 +184,7 @@ pub fn prepare(
                 max_repeated_line_ratio: f.max_repeated_line_ratio,
             })
         } else if let Some(r) = &t.redact {
-            T::Redact(v1::Redact {
-                kinds: r
-                    .kinds
-                    .iter()
-                    .map(|k| match k {
-                        PiiKind::Email => "email",
-                        PiiKind::Phone => "phone",
-                        PiiKind::IpAddress => "ipAddress",
-                        PiiKind::CreditCard => "creditCard",
-                    })
-                    .map(String::from)
-                    .collect(),
-                custom: r
-                    .custom
-                    .iter()
-                    .map(|c| v1::CustomPattern { name: c.name.clone(), pattern: c.pattern.clone() })
-                    .collect(),
-            })
+            T::Redact(redact(r))
         } else if let Some(d) = &t.exact_dedup {
             T::ExactDedup(v1::ExactDedup { case_sensitive: d.case_sensitive })
         } else if let Some(d) = &t.near_dedup {
@@ -547,11 +530,38 @@ pub fn serve(
             max_request_bytes: unsigned32(s.max_request_bytes),
         }),
         api_keys_file: api_keys_file.unwrap_or_default(),
-        traffic: Some(v1::Traffic { record: spec.traffic.record, uri: traffic_uri(key) }),
+        traffic: Some(v1::Traffic {
+            record: spec.traffic.record,
+            uri: traffic_uri(key),
+            retention_days: spec.traffic.retention_days.map(unsigned32).unwrap_or(0),
+            redact: spec.traffic.redact.as_ref().map(redact),
+        }),
         revision: revision.to_string(),
         model_name: key.name.clone(),
     };
     finish(key, store, Mode::Serve(a))
+}
+
+/// A redaction of the CRDs as the protocol's.
+fn redact(r: &RedactTransform) -> v1::Redact {
+    v1::Redact {
+        kinds: r
+            .kinds
+            .iter()
+            .map(|k| match k {
+                PiiKind::Email => "email",
+                PiiKind::Phone => "phone",
+                PiiKind::IpAddress => "ipAddress",
+                PiiKind::CreditCard => "creditCard",
+            })
+            .map(String::from)
+            .collect(),
+        custom: r
+            .custom
+            .iter()
+            .map(|c| v1::CustomPattern { name: c.name.clone(), pattern: c.pattern.clone() })
+            .collect(),
+    }
 }
 
 /// The traffic log directory of a ModelDeployment (DESIGN.md's store layout).

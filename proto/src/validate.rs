@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 
 use crate::v1::{
-    self, Artifact, Assignment, EvalAssignment, FinetuneAssignment, Model, PrepareAssignment, ServeAssignment,
+    self, Artifact, Assignment, EvalAssignment, FinetuneAssignment, Model, PrepareAssignment, Redact, ServeAssignment,
     assignment::Mode, data_source, eval_target, transform,
 };
 
@@ -213,19 +213,7 @@ fn prepare(c: &mut Checker, p: &PrepareAssignment) {
                     "minTokens/maxTokens need tokenStats.tokenizer to count tokens",
                 );
             }
-            Some(transform::Transform::Redact(r)) => {
-                for (k, kind) in r.kinds.iter().enumerate() {
-                    c.one_of(
-                        &format!("{field}.redact.kinds[{k}]"),
-                        kind,
-                        &["email", "phone", "ipAddress", "creditCard"],
-                    );
-                }
-                for (k, custom) in r.custom.iter().enumerate() {
-                    c.check(!custom.name.is_empty(), &format!("{field}.redact.custom[{k}].name"), "is required");
-                    c.check(!custom.pattern.is_empty(), &format!("{field}.redact.custom[{k}].pattern"), "is required");
-                }
-            }
+            Some(transform::Transform::Redact(r)) => redact(c, &format!("{field}.redact"), r),
             Some(transform::Transform::ExactDedup(_)) => {}
             Some(transform::Transform::NearDedup(n)) => {
                 c.check(n.shingle_size >= 1, &format!("{field}.nearDedup.shingleSize"), "must be at least 1");
@@ -369,6 +357,16 @@ fn eval(c: &mut Checker, e: &EvalAssignment) {
     c.output("eval.output", e.output.as_ref());
 }
 
+fn redact(c: &mut Checker, field: &str, r: &Redact) {
+    for (k, kind) in r.kinds.iter().enumerate() {
+        c.one_of(&format!("{field}.kinds[{k}]"), kind, &["email", "phone", "ipAddress", "creditCard"]);
+    }
+    for (k, custom) in r.custom.iter().enumerate() {
+        c.check(!custom.name.is_empty(), &format!("{field}.custom[{k}].name"), "is required");
+        c.check(!custom.pattern.is_empty(), &format!("{field}.custom[{k}].pattern"), "is required");
+    }
+}
+
 fn serve(c: &mut Checker, s: &ServeAssignment) {
     c.model("serve.model", s.model.as_ref());
     c.check(!s.model_name.is_empty(), "serve.modelName", "is required");
@@ -387,6 +385,9 @@ fn serve(c: &mut Checker, s: &ServeAssignment) {
     }
     if let Some(t) = &s.traffic {
         c.uri("serve.traffic.uri", &t.uri);
+        if let Some(r) = &t.redact {
+            redact(c, "serve.traffic.redact", r);
+        }
     }
     if let Some(p) = &s.prompt {
         c.generation("serve.prompt.parameters", p.parameters.as_ref());

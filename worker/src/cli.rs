@@ -559,7 +559,7 @@ fn build_serve(args: &ServeArgs) -> Result<Assignment> {
         serving.max_queue = q;
     }
     if let Some(dir) = &args.traffic {
-        s.traffic = Some(v1::Traffic { record: !args.no_record, uri: to_uri(dir) });
+        s.traffic = Some(v1::Traffic { record: !args.no_record, uri: to_uri(dir), ..Default::default() });
     } else if args.no_record
         && let Some(t) = s.traffic.as_mut()
     {
