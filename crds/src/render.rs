@@ -67,6 +67,14 @@ pub enum PromptError {
         /// The renderer's message.
         detail: String,
     },
+    /// Rendering needed more work or wrote more text than a prompt may.
+    #[error("{location}: rendering stopped: {limit}")]
+    Limit {
+        /// Which template.
+        location: String,
+        /// Which limit was reached, with its value.
+        limit: String,
+    },
     /// An example of the PromptVersion does not render.
     #[error("example {example:?}: {source}")]
     Example {
@@ -77,11 +85,21 @@ pub enum PromptError {
     },
 }
 
+/// Work one render of one template may do, in minijinja fuel: about one unit per
+/// instruction executed and per 64 bytes of data created, so it bounds both the time a
+/// render takes (loops nested over large ranges run out) and the memory it allocates.
+pub const RENDER_FUEL: u64 = 2_000_000;
+
+/// Most bytes one rendered template may produce (4 MiB, beyond any model's context).
+pub const MAX_RENDERED_BYTES: usize = 4 << 20;
+
 /// The Jinja environment every prompt is rendered in: undefined variables are errors, not
-/// empty strings, and a template keeps its trailing newline.
+/// empty strings, a template keeps its trailing newline, and a render stops with an
+/// error once it has used up [`RENDER_FUEL`].
 pub fn environment() -> Environment<'static> {
     let mut env = Environment::new();
     env.set_undefined_behavior(UndefinedBehavior::Strict);
+    env.set_fuel(Some(RENDER_FUEL));
     let syntax = minijinja::syntax::SyntaxConfig::builder().keep_trailing_newline(true).build();
     if let Ok(syntax) = syntax {
         env.set_syntax(syntax);
@@ -134,6 +152,51 @@ fn syntax_error(location: &str, err: &minijinja::Error) -> PromptError {
     PromptError::Syntax { location: location.to_string(), detail: err.to_string() }
 }
 
+/// A writer that refuses to grow past [`MAX_RENDERED_BYTES`].
+struct BoundedOutput {
+    text: Vec<u8>,
+    overflowed: bool,
+}
+
+impl std::io::Write for BoundedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.text.len() + buf.len() > MAX_RENDERED_BYTES {
+            self.overflowed = true;
+            return Err(std::io::Error::other("rendered output too large"));
+        }
+        self.text.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Renders one template within the fuel and output limits; errors name `location`.
+fn render_bounded(
+    template: &minijinja::Template<'_, '_>,
+    context: &BTreeMap<String, Value>,
+    location: &str,
+) -> Result<String, PromptError> {
+    let mut out = BoundedOutput { text: Vec::new(), overflowed: false };
+    match template.render_captured_to(context, &mut out) {
+        Ok(_) => String::from_utf8(out.text)
+            .map_err(|e| PromptError::Render { location: location.to_string(), detail: e.to_string() }),
+        Err(_) if out.overflowed => Err(PromptError::Limit {
+            location: location.to_string(),
+            limit: format!("the output exceeds {MAX_RENDERED_BYTES} bytes"),
+        }),
+        Err(e) if e.kind() == minijinja::ErrorKind::OutOfFuel => Err(PromptError::Limit {
+            location: location.to_string(),
+            limit: format!(
+                "the template used up its rendering fuel ({RENDER_FUEL} units: about one per instruction and per 64 bytes of data); loops over large ranges cannot finish"
+            ),
+        }),
+        Err(e) => Err(PromptError::Render { location: location.to_string(), detail: e.to_string() }),
+    }
+}
+
 impl PromptVersionSpec {
     /// Checks that every template parses and uses only declared variables, and that every
     /// example renders. This is what makes a PromptVersion Ready.
@@ -178,9 +241,7 @@ impl PromptVersionSpec {
         let mut text = None;
         for part in parts(self) {
             let template = env.template_from_str(part.source).map_err(|e| syntax_error(&part.location, &e))?;
-            let rendered = template
-                .render(&context)
-                .map_err(|e| PromptError::Render { location: part.location.clone(), detail: e.to_string() })?;
+            let rendered = render_bounded(&template, &context, &part.location)?;
             match part.role {
                 Some(role) => messages.push(ChatMessage { role: role.to_string(), content: rendered }),
                 None => text = Some(rendered),
@@ -215,9 +276,7 @@ impl PromptVersionSpec {
                     None => return Err(PromptError::MissingVariable { name }),
                 }
             }
-            let content = template
-                .render(&context)
-                .map_err(|e| PromptError::Render { location: part.location.clone(), detail: e.to_string() })?;
+            let content = render_bounded(&template, &context, &part.location)?;
             messages.push(ChatMessage { role: "system".into(), content });
         }
         Ok(messages)
@@ -338,6 +397,58 @@ examples:
         s.validate().expect("loop variable d is bound by the loop");
         let values = BTreeMap::from([("docs".to_string(), serde_json::json!(["a", "b"]))]);
         assert_eq!(s.render(&values).expect("renders"), RenderedPrompt::Text("- a\n- b\n".into()));
+    }
+
+    #[test]
+    fn nested_loops_run_out_of_fuel_instead_of_hanging() {
+        // Three loops over a 1000-character default: 10^9 iterations without a bound.
+        let nested =
+            "{% for a in text %}{% for b in text %}{% for c in text %}{{ c }}{% endfor %}{% endfor %}{% endfor %}";
+        let text = "x".repeat(1000);
+        let s = spec(&format!(
+            "prompt: p\ntemplate: '{nested}'\nvariables: [{{name: text, default: '{text}'}}]\nexamples: [{{name: e}}]\n"
+        ));
+        let started = std::time::Instant::now();
+        let err = s.validate().unwrap_err();
+        assert!(started.elapsed() < std::time::Duration::from_secs(10), "took {:?}", started.elapsed());
+        match &err {
+            PromptError::Example { source, .. } => {
+                assert!(matches!(**source, PromptError::Limit { ref location, .. } if location == "template"), "{err}")
+            }
+            other => panic!("expected a limit error, got {other:?}"),
+        }
+        assert!(err.to_string().contains("rendering fuel"), "{err}");
+        assert!(err.to_string().contains(&RENDER_FUEL.to_string()), "{err}");
+        // Serving renders the system messages with the same limits.
+        let served = spec(&format!(
+            "prompt: p\nmessages: [{{role: system, content: '{nested}'}}]\nvariables: [{{name: text, default: '{text}'}}]\n"
+        ));
+        assert!(matches!(served.served_messages(), Err(PromptError::Limit { .. })));
+    }
+
+    #[test]
+    fn huge_strings_are_refused_not_built() {
+        let s = spec("prompt: p\ntemplate: \"{{ 'x' * 90000000 }}\"\n");
+        let err = s.render(&BTreeMap::<String, String>::new()).unwrap_err();
+        assert!(matches!(err, PromptError::Limit { .. } | PromptError::Render { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn output_is_bounded() {
+        // Well within the fuel, but more text than a prompt may hold.
+        let s =
+            spec("prompt: p\ntemplate: '{% for i in range(80) %}{{ big }}{% endfor %}'\nvariables: [{name: big}]\n");
+        let big = "y".repeat(64 << 10);
+        let err = s.render(&BTreeMap::from([("big".to_string(), big.clone())])).unwrap_err();
+        match &err {
+            PromptError::Limit { limit, .. } => {
+                assert!(limit.contains(&format!("exceeds {MAX_RENDERED_BYTES} bytes")), "{err}")
+            }
+            other => panic!("expected a limit error, got {other:?}"),
+        }
+        // An ordinary large prompt still renders.
+        let ok = s.render(&BTreeMap::from([("big".to_string(), "y".repeat(1000))])).expect("renders");
+        assert!(matches!(ok, RenderedPrompt::Text(ref t) if t.len() == 80_000));
     }
 
     #[test]
