@@ -312,26 +312,31 @@ impl Redact {
     /// Redacts every string of a record, adding to `counts`.
     pub fn apply(&self, record: &mut Record, counts: &mut BTreeMap<String, u64>) {
         for text in record.texts_mut() {
-            for d in &self.detectors {
-                if !d.pattern.is_match(text) {
-                    continue;
+            self.apply_text(text, counts);
+        }
+    }
+
+    /// Redacts one text, adding to `counts` (the traffic log redacts with this too).
+    pub fn apply_text(&self, text: &mut String, counts: &mut BTreeMap<String, u64>) {
+        for d in &self.detectors {
+            if !d.pattern.is_match(text) {
+                continue;
+            }
+            let mut out = String::with_capacity(text.len());
+            let mut last = 0;
+            let mut found = 0;
+            for m in d.pattern.find_iter(text) {
+                if (d.check)(m.as_str(), text, m.start(), m.end()) {
+                    out.push_str(&text[last..m.start()]);
+                    out.push_str(&d.placeholder);
+                    last = m.end();
+                    found += 1;
                 }
-                let mut out = String::with_capacity(text.len());
-                let mut last = 0;
-                let mut found = 0;
-                for m in d.pattern.find_iter(text) {
-                    if (d.check)(m.as_str(), text, m.start(), m.end()) {
-                        out.push_str(&text[last..m.start()]);
-                        out.push_str(&d.placeholder);
-                        last = m.end();
-                        found += 1;
-                    }
-                }
-                if found > 0 {
-                    out.push_str(&text[last..]);
-                    *text = out;
-                    *counts.entry(d.name.clone()).or_default() += found;
-                }
+            }
+            if found > 0 {
+                out.push_str(&text[last..]);
+                *text = out;
+                *counts.entry(d.name.clone()).or_default() += found;
             }
         }
     }
