@@ -474,33 +474,27 @@ fn run_endpoint(plan: &Plan<'_>, endpoint: &Endpoint, samples: &[Sample]) -> Res
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let results: Vec<(usize, Result<String, RequestFailure>)> = runtime.block_on(async {
         let semaphore = Arc::new(tokio::sync::Semaphore::new((plan.spec.concurrency as usize).max(1)));
-        let stop = Arc::new(AtomicBool::new(false));
-        let failed = Arc::new(AtomicUsize::new(0));
+        let budget = Arc::new(Budget::new(allowed));
         let mut tasks = tokio::task::JoinSet::new();
+        let mut positions = HashMap::new();
         for (p, sample) in asked.iter().cloned() {
-            let (semaphore, stop, failed) = (semaphore.clone(), stop.clone(), failed.clone());
+            let (semaphore, budget) = (semaphore.clone(), budget.clone());
             let (endpoint, settings) = (endpoint.clone(), plan.settings.clone());
-            tasks.spawn(async move {
+            let task = tasks.spawn(async move {
                 let Ok(_permit) = semaphore.acquire_owned().await else { return None };
-                if stop.load(Ordering::SeqCst) || report::control().cancelled() {
+                if budget.stopped() || report::control().cancelled() {
                     return None;
                 }
                 let result = endpoint.complete(&sample.input, &settings, sample.index).await;
-                if result.is_err() && failed.fetch_add(1, Ordering::SeqCst) + 1 > allowed {
-                    stop.store(true, Ordering::SeqCst);
+                if result.is_err() {
+                    budget.failed();
                 }
                 Some((p, result))
             });
+            positions.insert(task.id(), p);
         }
         let mut progress = Progress::new(asked.len(), "generating");
-        let mut results = Vec::with_capacity(asked.len());
-        while let Some(joined) = tasks.join_next().await {
-            if let Ok(Some(r)) = joined {
-                results.push(r);
-            }
-            progress.update(results.len(), failed.load(Ordering::SeqCst));
-        }
-        results
+        join_requests(tasks, &positions, &budget, |done, failed| progress.update(done, failed)).await
     });
     if report::control().cancelled() {
         bail!(report::Interrupted::Cancelled("the evaluation was cancelled".into()));
@@ -508,9 +502,77 @@ fn run_endpoint(plan: &Plan<'_>, endpoint: &Endpoint, samples: &[Sample]) -> Res
     let aborted = results.len() < asked.len();
     let mut outcomes = vec![Outcome::default(); samples.len()];
     for (p, result) in results {
-        outcomes[p].output = Some(result.map_err(|f| format!("{} (after {} attempts)", f.message, f.attempts)));
+        outcomes[p].output = Some(result.map_err(|f| f.describe()));
     }
     Ok((outcomes, aborted))
+}
+
+/// How many requests may fail before no more are sent.
+struct Budget {
+    allowed: usize,
+    failed: AtomicUsize,
+    stop: AtomicBool,
+}
+
+impl Budget {
+    fn new(allowed: usize) -> Self {
+        Self { allowed, failed: AtomicUsize::new(0), stop: AtomicBool::new(false) }
+    }
+
+    /// Counts a failed request; past the allowance, no more are sent.
+    fn failed(&self) {
+        if self.failed.fetch_add(1, Ordering::SeqCst) + 1 > self.allowed {
+            self.stop.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+}
+
+/// Waits for every request task (`positions`: each task's sample position). A task that
+/// panicked does not vanish: its sample fails with the panic's message and counts against
+/// `budget` like any failed request. Tasks that sent nothing (the budget was spent) give
+/// no result.
+async fn join_requests(
+    mut tasks: tokio::task::JoinSet<Option<(usize, Result<String, RequestFailure>)>>,
+    positions: &HashMap<tokio::task::Id, usize>,
+    budget: &Budget,
+    mut progress: impl FnMut(usize, usize),
+) -> Vec<(usize, Result<String, RequestFailure>)> {
+    let mut results: Vec<(usize, Result<String, RequestFailure>)> = Vec::with_capacity(tasks.len());
+    let mut errors = 0;
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok(Some(result)) => {
+                errors += usize::from(result.1.is_err());
+                results.push(result);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                let Some(&p) = positions.get(&e.id()) else { continue };
+                let message = if e.is_panic() {
+                    format!("the request task panicked: {}", panic_message(e.into_panic()))
+                } else {
+                    "the request task was cancelled".to_string()
+                };
+                budget.failed();
+                errors += 1;
+                results.push((p, Err(RequestFailure { message, attempts: 0 })));
+            }
+        }
+        progress(results.len(), errors);
+    }
+    results
+}
+
+/// The text a panic carried.
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    match payload.downcast::<String>() {
+        Ok(text) => *text,
+        Err(payload) => payload.downcast_ref::<&str>().map_or_else(|| "(no message)".to_string(), |s| s.to_string()),
+    }
 }
 
 /// Scores every output with the judge; returns how many could not be judged.
@@ -540,29 +602,26 @@ fn run_judge(plan: &Plan<'_>, samples: &[Sample], outcomes: &mut [Outcome]) -> R
     let answers: Vec<(usize, Result<String, RequestFailure>)> = runtime.block_on(async {
         let semaphore = Arc::new(tokio::sync::Semaphore::new((plan.spec.concurrency as usize).max(1)));
         let mut tasks = tokio::task::JoinSet::new();
+        let mut positions = HashMap::new();
         for (p, input) in asks.iter().cloned() {
             let (semaphore, endpoint, settings) = (semaphore.clone(), endpoint.clone(), settings.clone());
-            tasks.spawn(async move {
+            let task = tasks.spawn(async move {
                 let _permit = semaphore.acquire_owned().await;
-                (p, endpoint.complete(&input, &settings, p).await)
+                Some((p, endpoint.complete(&input, &settings, p).await))
             });
+            positions.insert(task.id(), p);
         }
         let mut progress = Progress::new(asks.len(), "judging");
-        let mut answers = Vec::new();
-        while let Some(joined) = tasks.join_next().await {
-            if let Ok(answer) = joined {
-                answers.push(answer);
-            }
-            progress.update(answers.len(), answers.iter().filter(|(_, a)| a.is_err()).count());
-        }
-        answers
+        // Judging never stops early: every output is judged, and the errors are counted after.
+        let budget = Budget::new(usize::MAX);
+        join_requests(tasks, &positions, &budget, |done, failed| progress.update(done, failed)).await
     });
     let mut errors = 0;
     for (p, answer) in answers {
         let score = match answer {
             Ok(text) => metrics::parse_judge_score(&text, max_score)
                 .ok_or_else(|| format!("no score from 1 to {max_score} in the judge's answer: {}", truncate(&text))),
-            Err(f) => Err(format!("judge request failed: {} (after {} attempts)", f.message, f.attempts)),
+            Err(f) => Err(format!("judge request failed: {}", f.describe())),
         };
         errors += usize::from(score.is_err());
         outcomes[p].judge = Some(score);
@@ -916,5 +975,30 @@ mod tests {
         let own = GenerationParameters { temperature: Some(0.0), ..Default::default() };
         let s = settings(Some(&prompt), Some(&own));
         assert_eq!((s.temperature, s.max_tokens, s.stop), (0.0, 64, vec!["\n".to_string()]));
+    }
+
+    #[test]
+    fn a_panicking_request_task_is_a_failed_sample_counted_against_the_budget() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+        let (results, stopped) = runtime.block_on(async {
+            let budget = Budget::new(0);
+            let mut tasks = tokio::task::JoinSet::new();
+            let mut positions = HashMap::new();
+            let ok = tasks.spawn(async { Some((0, Ok("fine".to_string()))) });
+            positions.insert(ok.id(), 0);
+            let boom = tasks.spawn(async { panic!("index out of bounds in a response") });
+            positions.insert(boom.id(), 7);
+            let mut seen = Vec::new();
+            let results = join_requests(tasks, &positions, &budget, |done, errors| seen.push((done, errors))).await;
+            assert_eq!(seen.last(), Some(&(2, 1)), "progress counts the panic as an error: {seen:?}");
+            (results, budget.stopped())
+        });
+        let failed: Vec<_> = results.iter().filter(|(_, r)| r.is_err()).collect();
+        assert_eq!(failed.len(), 1, "{results:?}");
+        let (p, Err(failure)) = failed[0] else { unreachable!() };
+        assert_eq!(*p, 7, "the failure lands on the panicking task's sample");
+        assert!(failure.describe().contains("panicked: index out of bounds in a response"), "{failure:?}");
+        assert!(stopped, "with no errors allowed, the panic spends the budget and stops the run");
+        assert!(results.iter().any(|(p, r)| *p == 0 && r.as_deref() == Ok("fine")));
     }
 }

@@ -233,8 +233,19 @@ impl Local {
 pub struct RequestFailure {
     /// What the last attempt got.
     pub message: String,
-    /// Attempts made.
+    /// Attempts made (0: the request task itself failed).
     pub attempts: u32,
+}
+
+impl RequestFailure {
+    /// The message with the attempts made, for a sample's error.
+    pub fn describe(&self) -> String {
+        match self.attempts {
+            0 => self.message.clone(),
+            1 => format!("{} (after 1 attempt)", self.message),
+            n => format!("{} (after {n} attempts)", self.message),
+        }
+    }
 }
 
 /// One attempt's failure.
@@ -323,7 +334,7 @@ impl Endpoint {
             if !failure.retryable || attempt >= self.attempts.max(1) {
                 return Err(RequestFailure { message: failure.message, attempts: attempt });
             }
-            let exponential = self.backoff.saturating_mul(1 << (attempt - 1).min(16));
+            let exponential = self.backoff.saturating_mul(1 << (attempt - 1).min(16)).min(MAX_BACKOFF);
             let wait = failure.retry_after.unwrap_or_else(|| exponential.mul_f64(0.75 + 0.5 * jitter.next_f64()));
             tracing::debug!(index, attempt, error = %failure.message, wait_ms = wait.as_millis() as u64, "retrying");
             tokio::time::sleep(wait.min(MAX_BACKOFF)).await;
@@ -345,9 +356,7 @@ impl Endpoint {
             .headers()
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .filter(|s| s.is_finite() && *s >= 0.0)
-            .map(Duration::from_secs_f64);
+            .and_then(|v| retry_after(v, jiff::Timestamp::now()));
         let text = response.text().await.map_err(|e| Attempt {
             message: format!("reading the response: {e}"),
             retryable: true,
@@ -377,5 +386,66 @@ impl Endpoint {
             retryable: false,
             retry_after: None,
         })
+    }
+}
+
+/// The wait a `Retry-After` value asks for (RFC 9110: delay-seconds or an HTTP date),
+/// at most [`MAX_BACKOFF`]; a date in the past is no wait. A value that is neither
+/// (negative, not a number, garbage) is ignored, and the usual backoff applies.
+fn retry_after(value: &str, now: jiff::Timestamp) -> Option<Duration> {
+    let value = value.trim();
+    if value.is_empty() {
+        return None;
+    }
+    if value.bytes().all(|b| b.is_ascii_digit()) {
+        // A run of digits too long for u64 is still a (very long) delay.
+        let seconds = value.parse::<u64>().unwrap_or(u64::MAX);
+        return Some(Duration::from_secs(seconds).min(MAX_BACKOFF));
+    }
+    if let Ok(seconds) = value.parse::<f64>() {
+        return (seconds.is_finite() && seconds >= 0.0)
+            .then(|| Duration::from_secs_f64(seconds.min(MAX_BACKOFF.as_secs_f64())));
+    }
+    static DATES: jiff::fmt::rfc2822::DateTimeParser = jiff::fmt::rfc2822::DateTimeParser::new();
+    let at = DATES.parse_timestamp(value).ok()?;
+    let ahead = at.as_millisecond().saturating_sub(now.as_millisecond()).max(0);
+    Some(Duration::from_millis(u64::try_from(ahead).unwrap_or(0)).min(MAX_BACKOFF))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_takes_seconds_and_dates_caps_them_and_ignores_garbage() {
+        let now: jiff::Timestamp = "2026-03-01T12:00:00Z".parse().expect("a timestamp");
+        let secs = |s: u64| Some(Duration::from_secs(s));
+        assert_eq!(retry_after("3", now), secs(3));
+        assert_eq!(retry_after(" 0 ", now), secs(0));
+        assert_eq!(retry_after("1.5", now), Some(Duration::from_millis(1500)));
+        for huge in
+            ["86400", "18446744073709551616", "99999999999999999999999999999999", "1e300", "1.7976931348623157e308"]
+        {
+            assert_eq!(retry_after(huge, now), Some(MAX_BACKOFF), "{huge}");
+        }
+        assert_eq!(retry_after("Sun, 01 Mar 2026 12:00:05 GMT", now), secs(5));
+        assert_eq!(retry_after("Sun, 01 Mar 2026 11:00:00 GMT", now), secs(0), "a past date is no wait");
+        assert_eq!(retry_after("Thu, 01 Jan 2099 00:00:00 GMT", now), Some(MAX_BACKOFF));
+        for garbage in [
+            "",
+            "Fri, 31 Dec 9999 23:59:59 GMT",
+            "-1",
+            "-0.5",
+            "NaN",
+            "inf",
+            "-inf",
+            "soon",
+            "Sun, 99 Foo 2026",
+            "1e",
+            "\u{0}",
+            "+",
+        ] {
+            assert_eq!(retry_after(garbage, now), None, "{garbage:?}");
+        }
     }
 }
