@@ -166,6 +166,58 @@ pub fn build(config: &Config, w: &WorkerJob<'_>) -> Job {
     }
 }
 
+/// Which parts of a volume-backed store a pod mounts (DESIGN.md, "Tenancy"): never the
+/// whole volume, only subPaths of it at their place under the mount path, so the
+/// store keys of the Assignment keep their meaning.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreAccess {
+    /// A tenant's worker: its namespace's part read-write, the model cache read-only.
+    Tenant {
+        /// The workload's namespace.
+        namespace: String,
+    },
+    /// The operator's resolver: the model cache read-write, and the part of the
+    /// namespace whose `store://` source it copies, read-only.
+    Resolver {
+        /// Namespace of a `store://` source (its first key segment), if any.
+        source_namespace: Option<String>,
+    },
+}
+
+/// The mounts of the store volume (named `llmops-store`) for `access`.
+pub fn store_mounts(mount_path: &std::path::Path, access: &StoreAccess) -> Vec<VolumeMount> {
+    let mount = |sub: &str, read_only: bool| VolumeMount {
+        name: "llmops-store".into(),
+        mount_path: mount_path.join(sub).to_string_lossy().into_owned(),
+        sub_path: Some(sub.to_string()),
+        read_only: Some(read_only),
+        ..Default::default()
+    };
+    match access {
+        StoreAccess::Tenant { namespace } => vec![mount(namespace, false), mount(crate::models::CACHE, true)],
+        StoreAccess::Resolver { source_namespace } => {
+            let mut mounts = vec![mount(crate::models::CACHE, false)];
+            if let Some(ns) = source_namespace.as_deref().filter(|ns| *ns != crate::models::CACHE) {
+                mounts.push(mount(ns, true));
+            }
+            mounts
+        }
+    }
+}
+
+/// Replaces the store mounts of a pod's containers with those of `access`.
+pub fn set_store_access(config: &Config, pod: &mut PodSpec, access: &StoreAccess) {
+    let StoreConfig::Local { mount_path, volume } = &config.store else { return };
+    if matches!(volume, StoreVolume::None) {
+        return;
+    }
+    for c in &mut pod.containers {
+        let mounts = c.volume_mounts.get_or_insert_with(Vec::new);
+        mounts.retain(|m| m.name != "llmops-store");
+        mounts.extend(store_mounts(mount_path, access));
+    }
+}
+
 /// The pod of a worker: one container running `llmops-worker agent` with the gateway's
 /// address, the workload's identity and token file, the store, the Secret files, and
 /// the resources and placement of the spec; restartPolicy Never. Pure. Long-running
@@ -240,11 +292,7 @@ pub fn pod_template(
             };
             if let Some(v) = source {
                 volumes.push(v);
-                mounts.push(VolumeMount {
-                    name: "llmops-store".into(),
-                    mount_path: mount_path.to_string_lossy().into_owned(),
-                    ..Default::default()
-                });
+                mounts.extend(store_mounts(mount_path, &StoreAccess::Tenant { namespace: key.namespace.clone() }));
             }
         }
         StoreConfig::S3 { credentials_secret: Some(secret), .. } => {
@@ -458,7 +506,19 @@ mod tests {
         let mounts = c.volume_mounts.clone().unwrap_or_default();
         let token = mounts.iter().find(|m| m.mount_path == TOKEN_DIR).expect("token mount");
         assert_eq!(token.read_only, Some(true));
-        assert!(mounts.iter().any(|m| m.mount_path == "/var/lib/llmops/store"));
+        // Only the namespace's part of the store, read-write, and the cache, read-only.
+        let store: Vec<_> = mounts
+            .iter()
+            .filter(|m| m.name == "llmops-store")
+            .map(|m| (m.mount_path.as_str(), m.sub_path.as_deref(), m.read_only))
+            .collect();
+        assert_eq!(
+            store,
+            [
+                ("/var/lib/llmops/store/ns", Some("ns"), Some(false)),
+                ("/var/lib/llmops/store/models", Some("models"), Some(true))
+            ]
+        );
         let volumes = pod.volumes.unwrap_or_default();
         let secret = volumes.iter().find_map(|v| v.secret.as_ref()).expect("token volume");
         assert_eq!(secret.secret_name.as_deref(), Some("tune-finetune-token"));

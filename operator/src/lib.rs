@@ -18,6 +18,7 @@ pub mod models;
 pub mod pods;
 pub mod seal;
 pub mod status;
+pub mod tenancy;
 pub mod workload;
 
 use std::sync::Arc;

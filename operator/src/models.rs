@@ -156,6 +156,17 @@ pub fn build_job(config: &crate::config::Config, key: &WorkloadKey, record: &Con
             propagated: Default::default(),
         },
     );
+    // The cache read-write; a store:// source's namespace read-only, nothing else.
+    let source = record.data.as_ref().and_then(|d| d.get("uri")).map(String::as_str).unwrap_or_default();
+    let source_namespace =
+        source.strip_prefix("store://").and_then(|key| key.split('/').next()).filter(|ns| !ns.is_empty());
+    if let Some(pod) = job.spec.as_mut().and_then(|s| s.template.spec.as_mut()) {
+        job::set_store_access(
+            config,
+            pod,
+            &job::StoreAccess::Resolver { source_namespace: source_namespace.map(str::to_string) },
+        );
+    }
     if let Some(spec) = job.spec.as_mut() {
         spec.ttl_seconds_after_finished = Some(3600);
         if let (Some(bundle), Some(pod)) = (&config.ca_bundle_configmap, spec.template.spec.as_mut()) {
@@ -517,6 +528,10 @@ mod tests {
         config.ca_bundle_configmap = Some("corp-ca".into());
         config.resolver_node_selector = BTreeMap::from([("pool".into(), "cpu".into())]);
         config.resolver_tolerations = vec!["dedicated".into()];
+        config.store = crate::config::StoreConfig::Local {
+            mount_path: "/var/lib/llmops/store".into(),
+            volume: crate::config::StoreVolume::Pvc("llmops-store".into()),
+        };
         let cm = record();
         let key = key_of(&cm).expect("key");
         let job = build_job(&config, &key, &cm).expect("job");
@@ -538,6 +553,23 @@ mod tests {
         assert_eq!(env["LLMOPS_WORKLOAD"], format!("llmops-system/ModelResolution/{}/u-1", key.name));
         assert!(pod.volumes.iter().flatten().any(|v| v.config_map.as_ref().is_some_and(|c| c.name == "corp-ca")));
         assert_eq!(job.metadata.owner_references.expect("owner")[0].kind, "ConfigMap");
+        // An https source: the cache, read-write, and nothing of any namespace.
+        let store = |pod: &k8s_openapi::api::core::v1::PodSpec| -> Vec<(String, Option<bool>)> {
+            pod.containers[0]
+                .volume_mounts
+                .iter()
+                .flatten()
+                .filter(|m| m.name == "llmops-store")
+                .map(|m| (m.sub_path.clone().unwrap_or_default(), m.read_only))
+                .collect()
+        };
+        assert_eq!(store(&pod), [("models".to_string(), Some(false))]);
+        // A store:// source: its namespace's part too, read-only.
+        let mut from_store = cm.clone();
+        from_store.data = Some(BTreeMap::from([("uri".into(), "store://team-a/imports/m.gguf".into())]));
+        let job = build_job(&config, &key, &from_store).expect("job");
+        let pod = job.spec.and_then(|s| s.template.spec).expect("pod");
+        assert_eq!(store(&pod), [("models".to_string(), Some(false)), ("team-a".to_string(), Some(true))]);
 
         let a = assignment(&config.store, &key, "https://models.example/m.gguf", "");
         let Some(Mode::Resolve(r)) = a.mode else { panic!("resolve mode") };

@@ -1189,7 +1189,14 @@ async fn prepare(ctx: &Ctx, pod: &Pod, container: &Container, dir: &Path, ip: &s
             .ok_or_else(|| pod_error("UnsupportedVolume", format!("volume mount {} names no volume", m.name)))?;
         let mut local = materialise(ctx, pod, volume, dir, ip).await?;
         if let Some(sub) = m.sub_path.as_deref().filter(|s| !s.is_empty()) {
+            if sub.split('/').any(|part| part == ".." || part.is_empty()) || sub.starts_with('/') {
+                return Err(pod_error("InvalidSubPath", format!("volume mount {}: subPath {sub:?}", m.name)));
+            }
             local = local.join(sub);
+            // Like the kubelet, which creates a missing subPath directory.
+            if volume.host_path.is_some() || volume.empty_dir.is_some() {
+                std::fs::create_dir_all(&local).with_context(|| format!("creating subPath {}", local.display()))?;
+            }
         }
         mounts.push((m.mount_path.trim_end_matches('/').to_string(), local));
     }

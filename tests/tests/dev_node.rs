@@ -208,7 +208,7 @@ async fn the_whole_pipeline_runs_for_real_on_the_dev_node() -> Result<()> {
     let StoreConfig::Local { mount_path: store, .. } = &op.config.store else { anyhow::bail!("a local store") };
     let smol =
         llmops_worker::engine::load(&llmops_tests::test_model()?, &candle_core::Device::Cpu, Default::default())?;
-    llmops_worker::engine::tiny::write_tiny_llama(&store.join("imports/tiny"), &smol, 3)?;
+    llmops_worker::engine::tiny::write_tiny_llama(&store.join(&ns.name).join("imports/tiny"), &smol, 3)?;
     let node = dev_node(&client, &ns.name).await?;
 
     let mut dataset = example("dataset.yaml")?;
@@ -294,11 +294,12 @@ async fn the_whole_pipeline_runs_for_real_on_the_dev_node() -> Result<()> {
     };
     // The FineTuneJob and the EvalRun read the same base model: it was resolved once.
     assert_eq!(kinds, ["Dataset", "EvalRun", "FineTuneJob", "ModelResolution"], "one pod each");
-    let digest = llmops_worker::store::dir_digest(&store.join("imports/tiny"))?;
+    let digest = llmops_worker::store::dir_digest(&store.join(&ns.name).join("imports/tiny"))?;
     let model_input = |inputs: &[llmops_crds::LineageInput]| {
         inputs.iter().find(|i| i.kind == "Model").map(|i| (i.name.clone(), i.sha256.clone()))
     };
-    let expected = Some(("store://imports/tiny/".to_string(), digest.clone()));
+    // Lineage names the store key the spec's namespace-relative URI resolved to.
+    let expected = Some((format!("store://{}/imports/tiny/", ns.name), digest.clone()));
     assert_eq!(model_input(&ft_status.lineage.clone().context("lineage")?.inputs), expected);
     let evaluated = status.evaluated.clone().context("evaluated")?;
     assert_eq!(evaluated.model_digest.as_deref(), Some(digest.as_str()), "the EvalRun read the same cached copy");

@@ -77,11 +77,11 @@ async fn the_chart_installs_an_operator_that_runs_the_pipeline_with_exactly_the_
     let node_name = format!("dev-{}", ns.name);
     let work = std::env::temp_dir().join(format!("llmops-install-{}", ns.name));
     let store = work.join("store");
-    std::fs::create_dir_all(store.join("imports"))?;
+    std::fs::create_dir_all(store.join(&ns.name).join("imports"))?;
     let model = llmops_tests::test_model()?;
-    std::fs::copy(&model, store.join("imports").join(MODEL_FILE))?;
+    std::fs::copy(&model, store.join(&ns.name).join("imports").join(MODEL_FILE))?;
     let smol = llmops_worker::engine::load(&model, &candle_core::Device::Cpu, Default::default())?;
-    llmops_worker::engine::tiny::write_tiny_llama(&store.join("imports/tiny"), &smol, 3)?;
+    llmops_worker::engine::tiny::write_tiny_llama(&store.join(&ns.name).join("imports/tiny"), &smol, 3)?;
 
     // The development node runs the operator's container (image llmops-operator) as the
     // operator binary of this build, with the pod's service account token.

@@ -330,7 +330,7 @@ async fn finetune_waits_for_its_dataset_then_runs_on_a_gpu_node() -> Result<()> 
     let (client, ns) = namespace_with_crds("op-finetune").await?;
     let op = Operator::start(&client, &ns.name).await?;
     let store = TestStore::Local(store_of(&op.config)?);
-    stand_in_model(&store).await?;
+    stand_in_model(&store, &ns.name).await?;
     let _resolvers = run_resolvers(&client, &ns.name, &store);
     let mut ftj = example("finetunejob.yaml")?;
     ftj["spec"]["resources"] = serde_json::json!({"gpus": 1, "cpu": "2", "memory": "6Gi"});
@@ -414,7 +414,7 @@ async fn an_unschedulable_finetune_shows_the_schedulers_message() -> Result<()> 
     let (client, ns) = namespace_with_crds("op-unschedulable").await?;
     let op = Operator::start(&client, &ns.name).await?;
     let store = TestStore::Local(store_of(&op.config)?);
-    stand_in_model(&store).await?;
+    stand_in_model(&store, &ns.name).await?;
     let _resolvers = run_resolvers(&client, &ns.name, &store);
     ready_dataset(&client, &ns.name, &op).await?;
     // gpus is at most 1 (CEL), so ask for a GPU model no node has.
@@ -481,7 +481,7 @@ async fn the_pipeline_applied_in_reverse_order_converges() -> Result<()> {
     let (client, ns) = namespace_with_crds("op-pipeline").await?;
     let op = Operator::start(&client, &ns.name).await?;
     let store = TestStore::Local(store_of(&op.config)?);
-    stand_in_model(&store).await?;
+    stand_in_model(&store, &ns.name).await?;
     let _resolvers = run_resolvers(&client, &ns.name, &store);
     for file in ["evalrun.yaml", "finetunejob.yaml", "promptversion.yaml"] {
         apply(&client, &ns.name, &example(file)?).await?;
@@ -681,11 +681,12 @@ fn run_resolvers(client: &Client, ns: &str, store: &TestStore) -> Resolvers {
 
 /// Puts stand-in bytes where the examples' base model is expected: the tests that play
 /// the worker never load it, but the resolver copies and digests what is there.
-async fn stand_in_model(store: &TestStore) -> Result<()> {
+async fn stand_in_model(store: &TestStore, ns: &str) -> Result<()> {
     let dir = std::env::temp_dir().join(format!("llmops-stand-in-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("SmolLM2-135M-Instruct.Q4_1.gguf"), b"stand-in weights; never loaded")?;
-    store.put_dir(&dir, "imports").await
+    // Where `store://imports/…` of a spec in `ns` lies: the namespace's part of the store.
+    store.put_dir(&dir, &format!("{ns}/imports")).await
 }
 
 async fn scrape(addr: &std::net::SocketAddr) -> Result<String> {
@@ -872,7 +873,7 @@ async fn suspend_resume_delete(client: &Client, ns: &str, store: &TestStore) -> 
         llmops_worker::engine::load(&llmops_tests::test_model()?, &candle_core::Device::Cpu, Default::default())?;
     let tiny = std::env::temp_dir().join(format!("llmops-tiny-{ns}"));
     llmops_worker::engine::tiny::write_tiny_llama(&tiny, &smol, 3)?;
-    store.put_dir(&tiny, "imports/tiny").await?;
+    store.put_dir(&tiny, &format!("{ns}/imports/tiny")).await?;
     let _resolvers = run_resolvers(&client, ns, store);
     let mut ftj = example("finetunejob.yaml")?;
     ftj["spec"]["model"] = serde_json::json!({"uri": "store://imports/tiny/", "format": "hf"});
@@ -983,7 +984,7 @@ async fn with_an_s3_store_the_agent_stages_inputs_and_uploads_the_output() -> Re
         })
         .collect();
     let rows_sha = hex::encode(sha2::Sha256::digest(rows.as_bytes()));
-    bucket.put(&"llmops/imports/sums.jsonl".into(), rows.into_bytes().into()).await?;
+    bucket.put(&format!("llmops/{}/imports/sums.jsonl", ns.name).as_str().into(), rows.into_bytes().into()).await?;
 
     let op = Operator::start_configured(&client, &ns.name, |c| c.store = s3.store_config("artifacts")).await?;
     let mut ds = example("dataset.yaml")?;
@@ -1024,7 +1025,7 @@ async fn with_an_s3_store_the_agent_stages_inputs_and_uploads_the_output() -> Re
     // The source URI's digest, as the worker read it (over its files' digests), is in the lineage.
     let source =
         status.lineage.context("lineage")?.inputs.into_iter().find(|i| i.kind == "Uri").context("Uri input")?;
-    assert_eq!(source.name, "store://imports/sums.jsonl");
+    assert_eq!(source.name, format!("store://{}/imports/sums.jsonl", ns.name));
     assert_eq!(source.sha256, hex::encode(sha2::Sha256::digest(rows_sha.as_bytes())));
     bucket.head(&format!("llmops/{key}/train.parquet").as_str().into()).await.context("train.parquet was uploaded")?;
     op.stop().await;
@@ -1100,6 +1101,7 @@ async fn an_eval_run_of_an_endpoint_gets_a_job_with_its_api_key_and_goes_with_it
     let (client, ns) = namespace_with_crds("op-evalrun").await?;
     let op = Operator::start(&client, &ns.name).await?;
     ready_dataset(&client, &ns.name, &op).await?;
+    // A Secret that has not opted in to being sent anywhere.
     let secret = serde_json::json!({
         "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "vendor-key"},
         "stringData": {"token": "sk-test"}
@@ -1119,6 +1121,43 @@ async fn an_eval_run_of_an_endpoint_gets_a_job_with_its_api_key_and_goes_with_it
     apply(&client, &ns.name, &run).await?;
     let evals: Api<EvalRun> = Api::namespaced(client.clone(), &ns.name);
     let jobs: Api<Job> = Api::namespaced(client.clone(), &ns.name);
+    let refused = |allowed: Option<&'static str>| {
+        let evals = evals.clone();
+        async move {
+            eventually("the EvalRun to wait for the Secret's consent", WAIT, || async {
+                let status = evals.get("vendor-eval").await?.status.unwrap_or_default();
+                Ok(condition(&status.common.conditions, "Ready")
+                    .filter(|c| c.reason == "SecretNotAllowed" && allowed.is_none_or(|u| c.message.contains(u)))
+                    .map(|c| c.message.clone()))
+            })
+            .await
+        }
+    };
+    let message = refused(None).await?;
+    assert!(message.contains("llmops.dev/allowed-urls"), "{message}");
+    // The EvalRun looks again every 30 s, or at once when it changes: touch it.
+    let touch = |n: u32| {
+        let client = client.clone();
+        let ns = ns.name.clone();
+        async move {
+            let label = serde_json::json!({"apiVersion": "llmops.dev/v1alpha1", "kind": "EvalRun",
+                "metadata": {"name": "vendor-eval", "labels": {"touched": n.to_string()}}});
+            let evals: Api<EvalRun> = Api::namespaced(client, &ns);
+            evals.patch("vendor-eval", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&label)).await
+        }
+    };
+    // Opted in, but for another URL.
+    let mut secret = secret;
+    secret["metadata"]["annotations"] = serde_json::json!({"llmops.dev/allowed-urls": "https://other.example.com/v1"});
+    apply(&client, &ns.name, &secret).await?;
+    touch(1).await?;
+    let message = refused(Some("other.example.com")).await?;
+    assert!(message.contains("not to https://api.example.com/v1"), "{message}");
+    assert!(jobs.get_opt("vendor-eval-eval").await?.is_none(), "no pod gets a Secret that did not consent");
+    secret["metadata"]["annotations"] =
+        serde_json::json!({"llmops.dev/allowed-urls": "https://other.example.com/v1 https://api.example.com/v1"});
+    apply(&client, &ns.name, &secret).await?;
+    touch(2).await?;
     let job = eventually("the EvalRun's Job", WAIT, || async { Ok(jobs.get_opt("vendor-eval-eval").await?) }).await?;
     let uid = evals.get("vendor-eval").await?.uid().context("uid")?;
     assert_eq!(job.owner_references().first().map(|o| o.uid.clone()), Some(uid.clone()));
@@ -1171,7 +1210,7 @@ async fn a_real_agent_rides_out_an_operator_restart_and_its_result_lands() -> Re
         llmops_worker::engine::load(&llmops_tests::test_model()?, &candle_core::Device::Cpu, Default::default())?;
     let tiny = std::env::temp_dir().join(format!("llmops-tiny-{}", ns.name));
     llmops_worker::engine::tiny::write_tiny_llama(&tiny, &smol, 5)?;
-    store.put_dir(&tiny, "imports/tiny").await?;
+    store.put_dir(&tiny, &format!("{}/imports/tiny", ns.name)).await?;
     let _resolvers = run_resolvers(&client, &ns.name, &store);
     let mut ftj = example("finetunejob.yaml")?;
     ftj["spec"]["model"] = serde_json::json!({"uri": "store://imports/tiny/", "format": "hf"});

@@ -115,8 +115,8 @@ async fn the_plugin_draws_the_pipeline_follows_lineage_chats_and_explains_where_
     let (client, ns) = namespace_with_crds("plugin").await?;
     let op = Operator::start_configured(&client, &ns.name, |c| c.address_by_pod_ip = true).await?;
     let StoreConfig::Local { mount_path: store, .. } = op.config.store.clone() else { bail!("a local store") };
-    std::fs::create_dir_all(store.join("imports"))?;
-    std::fs::copy(llmops_tests::test_model()?, store.join("imports").join(MODEL_FILE))?;
+    std::fs::create_dir_all(store.join(&ns.name).join("imports"))?;
+    std::fs::copy(llmops_tests::test_model()?, store.join(&ns.name).join("imports").join(MODEL_FILE))?;
     // The work dir the plugin knows the cluster tests by: $TMPDIR/llmops-dev-node-<namespace>.
     let work_dir = std::env::temp_dir().join(format!("llmops-dev-node-{}", ns.name));
     let node = DevNode::start(
@@ -255,14 +255,15 @@ async fn exercise(client: &Client, ns: &str, node: &DevNode, binary: &Path) -> R
     );
     assert!(
         text.contains(&format!(
-            "├─ model: Model store://imports/{MODEL_FILE}  sha256 {}\n",
-            served_lineage.model.sha256
+            "├─ model: Model store://{}/imports/{MODEL_FILE}  sha256 {}\n",
+            ns, served_lineage.model.sha256
         )),
         "{text}"
     );
     assert!(
         text.contains(&format!(
-            "├─ adapter acme-facts: FineTuneJob/acme-facts-lora  sha256 {adapter_sha}\n│  ├─ Model store://imports/{MODEL_FILE}  sha256 {}\n│  └─ Dataset/acme-facts  sha256 {data_sha}\n",
+            "├─ adapter acme-facts: FineTuneJob/acme-facts-lora  sha256 {adapter_sha}\n│  ├─ Model store://{}/imports/{MODEL_FILE}  sha256 {}\n│  └─ Dataset/acme-facts  sha256 {data_sha}\n",
+            ns,
             served_lineage.model.sha256
         )),
         "{text}"

@@ -55,10 +55,10 @@ async fn every_kind_runs_in_a_namespace_that_enforces_the_restricted_standard() 
     llmops_worker::engine::tiny::write_tiny_llama(&tiny, &smol, 3)?;
     for entry in std::fs::read_dir(&tiny)? {
         let entry = entry?;
-        let key = format!("llmops/imports/tiny/{}", entry.file_name().to_string_lossy());
+        let key = format!("llmops/{}/imports/tiny/{}", ns.name, entry.file_name().to_string_lossy());
         bucket.put(&key.as_str().into(), std::fs::read(entry.path())?.into()).await?;
     }
-    let key = format!("llmops/imports/{MODEL_FILE}");
+    let key = format!("llmops/{}/imports/{MODEL_FILE}", ns.name);
     bucket.put(&key.as_str().into(), std::fs::read(&model)?.into()).await?;
 
     let op = Operator::start_configured(&client, &ns.name, |c| {

@@ -55,8 +55,8 @@ async fn operator(client: &Client, ns: &str) -> Result<(Operator, std::net::Sock
     })
     .await?;
     let StoreConfig::Local { mount_path: store, .. } = op.config.store.clone() else { bail!("a local store") };
-    std::fs::create_dir_all(store.join("imports"))?;
-    std::fs::copy(llmops_tests::test_model()?, store.join("imports").join(MODEL_FILE))?;
+    std::fs::create_dir_all(store.join(ns).join("imports"))?;
+    std::fs::copy(llmops_tests::test_model()?, store.join(ns).join("imports").join(MODEL_FILE))?;
     Ok((op, metrics, store))
 }
 

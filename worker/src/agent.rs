@@ -557,7 +557,14 @@ pub fn run() -> Result<ExitCode> {
     };
     let checked = match assignment {
         Ok(a) => {
-            a.validate().map(|()| a).map_err(|errors| format!("{source} an invalid assignment:\n{}", describe(&errors)))
+            match a.validate().map_err(|errors| format!("{source} an invalid assignment:\n{}", describe(&errors))) {
+                // The pod mounts only its part of the store; the worker holds itself to it
+                // too, as it must with a bucket.
+                Ok(()) => crate::store::check_tenancy(&a)
+                    .map(|()| a)
+                    .map_err(|e| format!("{source} an assignment outside this workload's store: {e:#}")),
+                Err(message) => Err(message),
+            }
         }
         Err(e) => Err(format!("cannot read {source}: {e}")),
     };

@@ -14,10 +14,11 @@ pub fn local_path(uri: &str, store: Option<&Store>) -> Result<PathBuf> {
     if let Some(key) = uri.strip_prefix("store://") {
         return match store.and_then(|s| s.backend.as_ref()) {
             Some(Backend::Local(local)) if !local.root.is_empty() => {
-                if key.split('/').any(|part| part == "..") {
-                    bail!("{uri}: a store key must not contain '..'");
-                }
-                Ok(PathBuf::from(&local.root).join(key.trim_start_matches('/')))
+                check_key(key).with_context(|| uri.to_string())?;
+                let root = PathBuf::from(&local.root);
+                let path = root.join(key.trim_start_matches('/'));
+                contained(&root, key, &path).with_context(|| uri.to_string())?;
+                Ok(path)
             }
             Some(Backend::S3(_)) => {
                 bail!("{uri}: the store is an S3 bucket; this mode needs the store mounted as a volume")
@@ -32,6 +33,72 @@ pub fn local_path(uri: &str, store: Option<&Store>) -> Result<PathBuf> {
         bail!("{uri}: {scheme}:// artifacts must be staged into local files first (the agent does this in a pod)");
     }
     Ok(mapped(uri))
+}
+
+/// A store key is relative and every segment of it is a name: no empty, `.` or `..`
+/// segment (a trailing `/` marks a directory).
+pub fn check_key(key: &str) -> Result<()> {
+    let body = key.strip_suffix('/').unwrap_or(key);
+    if body.is_empty() || body.split('/').any(|part| part.is_empty() || part == "." || part == "..") {
+        bail!("a store key must be a relative path without empty, '.' or '..' segments: {key:?}");
+    }
+    Ok(())
+}
+
+/// The top-level part of the store a key belongs to: its namespace, or the model cache.
+fn top(key: &str) -> &str {
+    key.trim_start_matches('/').split('/').next().unwrap_or_default()
+}
+
+/// `path` (the local path of `key`), with every symbolic link on the way that exists
+/// resolved, stays inside the key's top-level directory of the store: a link a tenant
+/// placed in its own part cannot lead a worker into another namespace's or out of the
+/// store.
+fn contained(root: &std::path::Path, key: &str, path: &std::path::Path) -> Result<()> {
+    let Ok(base) = root.join(top(key)).canonicalize() else { return Ok(()) };
+    let mut probe = path.to_path_buf();
+    while std::fs::symlink_metadata(&probe).is_err() {
+        if !probe.pop() {
+            return Ok(());
+        }
+    }
+    let real = probe.canonicalize().with_context(|| format!("resolving {}", probe.display()))?;
+    if !real.starts_with(&base) {
+        bail!("the key leads out of its part of the store (through a symbolic link, to {})", real.display());
+    }
+    Ok(())
+}
+
+/// Checks that every `store://` key of an Assignment lies in the part of the store its
+/// workload may use (DESIGN.md, "Tenancy"): the workload's namespace, or the model
+/// cache (`models/sha256-…`). The resolver (mode `resolve`) copies from any namespace
+/// into the cache.
+pub fn check_tenancy(assignment: &llmops_proto::v1::Assignment) -> Result<()> {
+    use llmops_proto::v1::assignment::Mode;
+    let namespace = assignment.workload.as_ref().map(|w| w.namespace.as_str()).unwrap_or_default();
+    let resolver = matches!(assignment.mode, Some(Mode::Resolve(_)));
+    let value = serde_json::to_value(assignment).context("reading the assignment")?;
+    let mut keys = Vec::new();
+    collect_store_keys(&value, &mut keys);
+    for key in keys {
+        check_key(&key).with_context(|| format!("store://{key}"))?;
+        let cache = key.strip_prefix("models/sha256-").is_some();
+        if !(resolver || cache || (!namespace.is_empty() && top(&key) == namespace)) {
+            bail!(
+                "store://{key}: outside this workload's part of the store (store://{namespace}/…) and the model cache"
+            );
+        }
+    }
+    Ok(())
+}
+
+fn collect_store_keys(value: &serde_json::Value, out: &mut Vec<String>) {
+    match value {
+        serde_json::Value::String(s) => out.extend(s.strip_prefix("store://").map(str::to_string)),
+        serde_json::Value::Array(items) => items.iter().for_each(|v| collect_store_keys(v, out)),
+        serde_json::Value::Object(map) => map.values().for_each(|v| collect_store_keys(v, out)),
+        _ => {}
+    }
 }
 
 /// Environment variable with the mount paths of a pod run as a plain process (the
@@ -269,7 +336,62 @@ mod tests {
         assert_eq!(local_path("file:///m.gguf", None).expect("ok"), PathBuf::from("/m.gguf"));
         assert_eq!(local_path("rel/m.gguf", None).expect("ok"), PathBuf::from("rel/m.gguf"));
         assert!(local_path("store://../etc", Some(&store)).is_err());
+        assert!(local_path("store://ns//x", Some(&store)).is_err());
+        assert!(local_path("store://ns/./x", Some(&store)).is_err());
         assert!(local_path("store://k", None).is_err());
         assert!(local_path("s3://b/k", None).is_err());
+    }
+
+    #[test]
+    fn a_symbolic_link_cannot_lead_out_of_the_keys_part_of_the_store() {
+        let root = std::env::temp_dir().join(format!("llmops-store-links-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join("team-a/data")).expect("dirs");
+        std::fs::create_dir_all(root.join("team-b/private")).expect("dirs");
+        std::fs::write(root.join("team-b/private/x.jsonl"), "{}").expect("file");
+        std::os::unix::fs::symlink(root.join("team-b/private"), root.join("team-a/data/peek")).expect("link");
+        std::os::unix::fs::symlink("/etc", root.join("team-a/etc")).expect("link");
+        std::os::unix::fs::symlink(root.join("team-a/data"), root.join("team-a/alias")).expect("link");
+        let store = Store { backend: Some(Backend::Local(LocalStore { root: root.display().to_string() })) };
+        let err = local_path("store://team-a/data/peek/x.jsonl", Some(&store)).expect_err("refused");
+        assert!(format!("{err:#}").contains("leads out of its part of the store"), "{err:#}");
+        assert!(local_path("store://team-a/etc/passwd", Some(&store)).is_err());
+        // Links inside the namespace's own part, and keys not written yet, are fine.
+        assert!(local_path("store://team-a/alias/new.jsonl", Some(&store)).is_ok());
+        assert!(local_path("store://team-a/out/new/", Some(&store)).is_ok());
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn an_assignment_names_only_its_namespace_and_the_cache() {
+        use llmops_proto::v1::{Assignment, PrepareAssignment, Workload, assignment::Mode};
+        let with = |ns: &str, source: &str, output: &str| Assignment {
+            workload: Some(Workload {
+                namespace: ns.into(),
+                kind: "Dataset".into(),
+                name: "d".into(),
+                uid: "u".into(),
+            }),
+            store: None,
+            mode: Some(Mode::Prepare(PrepareAssignment {
+                source: Some(llmops_proto::v1::DataSource {
+                    source: Some(llmops_proto::v1::data_source::Source::Uri(source.into())),
+                }),
+                output: Some(llmops_proto::v1::Output { uri: output.into() }),
+                ..Default::default()
+            })),
+        };
+        let d = "a".repeat(64);
+        assert!(
+            check_tenancy(&with("team-a", "store://team-a/raw/x.jsonl", "store://team-a/dataset/d/u/output/")).is_ok()
+        );
+        assert!(check_tenancy(&with("team-a", &format!("store://models/sha256-{d}/m"), "store://team-a/o/")).is_ok());
+        assert!(check_tenancy(&with("team-a", "https://h/x.jsonl", "store://team-a/o/")).is_ok());
+        let err =
+            check_tenancy(&with("team-a", "store://team-b/raw/x.jsonl", "store://team-a/o/")).expect_err("refused");
+        assert!(format!("{err:#}").contains("store://team-b/raw/x.jsonl: outside"), "{err:#}");
+        assert!(check_tenancy(&with("team-a", "store://team-a/raw/x.jsonl", "store://team-b/o/")).is_err());
+        assert!(check_tenancy(&with("team-a", "store://team-a/../team-b/x", "store://team-a/o/")).is_err());
+        assert!(check_tenancy(&with("team-a", "store://models/m.gguf", "store://team-a/o/")).is_err());
     }
 }

@@ -187,6 +187,15 @@ pub async fn reconcile<K: BatchKind>(
     .await
 }
 
+/// The plan of `obj` as its namespace's tenant: store keys of its spec localized (see
+/// [`crate::tenancy`]), and nothing at all in a reserved namespace.
+async fn tenant_plan<K: BatchKind>(obj: &K, ctx: &Context, key: &WorkloadKey) -> Result<Plan> {
+    if let Some(message) = crate::tenancy::reserved(&key.namespace) {
+        return Ok(Plan::invalid("ReservedNamespace", message));
+    }
+    crate::tenancy::localized(obj)?.plan(ctx, key).await
+}
+
 /// How a failed reconcile is retried.
 pub fn error_policy<K>(_obj: std::sync::Arc<K>, _error: &ReconcileError, _ctx: std::sync::Arc<Context>) -> Action {
     Action::requeue(Duration::from_secs(5))
@@ -250,7 +259,7 @@ async fn reconcile_inner<K: BatchKind>(
         // Finished without inputs pinned means an invalid spec: only a new generation
         // can change that.
         None if old.finished() && old.common.observed_generation == generation => return Ok(Action::await_change()),
-        None => match obj.plan(ctx, key).await.at(Step::Dereference)? {
+        None => match tenant_plan(obj, ctx, key).await.at(Step::Dereference)? {
             plan @ (Plan::Wait { .. } | Plan::Invalid { .. }) => {
                 let invalid = matches!(plan, Plan::Invalid { .. });
                 let (Plan::Wait { reason, message } | Plan::Invalid { reason, message }) = plan else {

@@ -125,6 +125,9 @@ pub struct Resolved {
 
 /// Dereference: reads what the spec points at.
 async fn dereference(ctx: &Context, md: &ModelDeployment, ns: &str) -> Result<std::result::Result<Resolved, Plan>> {
+    if let Some(message) = crate::tenancy::reserved(ns) {
+        return Ok(Err(Plan::invalid("ReservedNamespace", message)));
+    }
     macro_rules! ready {
         ($e:expr) => {
             match $e {
@@ -623,7 +626,12 @@ pub fn aggregate(reports: &[&v1::Progress]) -> Option<ServingMetrics> {
 
 /// Reconciles one ModelDeployment.
 pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> std::result::Result<Action, ReconcileError> {
-    super::instrumented(&*md, &ctx, reconcile_inner(&md, &ctx)).await
+    super::instrumented(&*md, &ctx, async {
+        // Store keys of the spec are the namespace's own (crate::tenancy).
+        let md = crate::tenancy::localized(&*md).at(Step::Dereference)?;
+        reconcile_inner(&md, &ctx).await
+    })
+    .await
 }
 
 /// How a failed reconcile is retried.

@@ -30,6 +30,7 @@ pub fn reason(e: &PromptError) -> &'static str {
         PromptError::UnknownVariable { .. } => "UnknownVariable",
         PromptError::Render { .. } => "RenderError",
         PromptError::Example { .. } => "ExampleFailed",
+        PromptError::Limit { .. } => "RenderLimitExceeded",
     }
 }
 
@@ -90,7 +91,13 @@ async fn reconcile_inner(pv: &PromptVersion, ctx: &Context) -> std::result::Resu
     let digest = pv.spec.digest();
     status.common.observed_generation = generation;
     status.digest = Some(digest.clone());
-    match validate(&pv.spec) {
+    // Templates are the tenant's code: they render with bounded fuel and output (see
+    // llmops_crds::render), on a blocking thread, never on the reconcilers' runtime.
+    let spec = pv.spec.clone();
+    let validated = tokio::task::spawn_blocking(move || validate(&spec)).await.unwrap_or_else(|e| {
+        Err(PromptError::Render { location: "template".into(), detail: format!("rendering failed: {e}") })
+    });
+    match validated {
         Ok(examples) => {
             let cm = build_config_map(pv, &key, &digest, &examples).at(Step::Build)?;
             let name = cm.metadata.name.clone().unwrap_or_default();
