@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod models;
 pub mod pods;
 pub mod seal;
+pub mod secrets;
 pub mod status;
 pub mod tenancy;
 pub mod workload;

@@ -18,7 +18,7 @@ use serde::Deserialize;
 use super::batch::{BatchKind, Pinned, Plan, batch_accessors};
 use super::deployment;
 use super::{finished_job, resolve_dataset, resolve_model, resolve_prompt, spec_hash};
-use crate::assignment::{self, ResolvedTarget, api_key_key};
+use crate::assignment::{self, ResolvedTarget};
 use crate::conditions;
 use crate::context::Context;
 use crate::error::Result;
@@ -103,7 +103,7 @@ impl BatchKind for EvalRun {
         } else if let Some(e) = &t.endpoint {
             let api_key_file = match &e.api_key_secret {
                 Some(s) => {
-                    let file = SecretFile { secret: s.name.clone(), key: api_key_key(s) };
+                    let file = ready_or_wait!(crate::secrets::api_key_for(ctx, ns, s, &e.url).await?);
                     let path = file.path();
                     secret_files.push(file);
                     path
@@ -119,10 +119,13 @@ impl BatchKind for EvalRun {
         } else {
             return Ok(Plan::invalid("InvalidTarget", "the target sets none of model, modelDeployment or endpoint"));
         };
-        if let Some(j) =
-            spec.evaluation.judge.as_ref().and_then(|j| j.endpoint.as_ref()).and_then(|e| e.api_key_secret.as_ref())
+        if let Some(e) = spec.evaluation.judge.as_ref().and_then(|j| j.endpoint.as_ref())
+            && let Some(s) = &e.api_key_secret
         {
-            secret_files.push(SecretFile { secret: j.name.clone(), key: api_key_key(j) });
+            let file = ready_or_wait!(crate::secrets::api_key_for(ctx, ns, s, &e.url).await?);
+            if !secret_files.contains(&file) {
+                secret_files.push(file);
+            }
         }
         let judge = match spec.evaluation.judge.as_ref().and_then(|j| j.model_deployment.as_ref()) {
             None => None,
