@@ -69,7 +69,26 @@ impl Checker {
                 self.fail(field, format!("unsupported scheme {scheme:?}; use one of {}", SCHEMES.join(", ")));
             } else if rest.is_empty() {
                 self.fail(field, "has a scheme but no location");
+            } else if scheme == "store" && !store_key_ok(rest) {
+                self.fail(
+                    field,
+                    "a store:// key must be relative, without empty, . or .. segments (only a trailing / is allowed)",
+                );
             }
+        }
+    }
+
+    /// A regular expression the worker compiles: it must compile with the same engine
+    /// (and size limits) here, so that a bad pattern stops the workload before any pod
+    /// starts. An empty pattern means none.
+    fn regex(&mut self, field: &str, pattern: &str) {
+        if pattern.is_empty() {
+            return;
+        }
+        if let Err(err) = regex::Regex::new(pattern) {
+            let detail =
+                err.to_string().lines().filter(|l| !l.trim().is_empty()).last().unwrap_or_default().trim().to_string();
+            self.fail(field, format!("is not a valid regular expression: {detail}"));
         }
     }
 
@@ -129,6 +148,13 @@ impl Checker {
     fn finish(self) -> Result<(), Vec<FieldError>> {
         if self.errors.is_empty() { Ok(()) } else { Err(self.errors) }
     }
+}
+
+/// Whether a store key stays under its root: relative, no `.` or `..` segments and no
+/// empty segments except after a trailing `/` (a directory).
+fn store_key_ok(key: &str) -> bool {
+    let key = key.strip_suffix('/').unwrap_or(key);
+    !key.is_empty() && key.split('/').all(|part| !part.is_empty() && part != "." && part != "..")
 }
 
 /// Metric names an evaluation understands.
@@ -206,6 +232,8 @@ fn prepare(c: &mut Checker, p: &PrepareAssignment) {
                 if let Some(r) = f.max_repeated_line_ratio {
                     c.fraction(&format!("{field}.filter.maxRepeatedLineRatio"), r);
                 }
+                c.regex(&format!("{field}.filter.keepPattern"), &f.keep_pattern);
+                c.regex(&format!("{field}.filter.dropPattern"), &f.drop_pattern);
                 let needs_tokenizer = f.min_tokens.is_some() || f.max_tokens.is_some();
                 c.check(
                     !needs_tokenizer || p.token_stats.is_some(),
@@ -329,6 +357,26 @@ fn eval(c: &mut Checker, e: &EvalAssignment) {
         let field = format!("eval.thresholds[{i}]");
         c.check(e.metrics.contains(&t.metric), &format!("{field}.metric"), "must be listed in metrics");
         c.check(t.min.is_some() || t.max.is_some(), &field, "needs min or max");
+        if let (Some(min), Some(max)) = (t.min, t.max) {
+            c.check(min <= max, &format!("{field}.min"), "must not exceed max");
+        }
+        let (low, high) = if t.metric == "perplexity" { (1.0, f64::INFINITY) } else { (0.0, 1.0) };
+        for (name, bound) in [("min", t.min), ("max", t.max)] {
+            if let Some(b) = bound {
+                c.check(
+                    b.is_finite() && (low..=high).contains(&b),
+                    &format!("{field}.{name}"),
+                    if t.metric == "perplexity" { "must be at least 1 (perplexity is)" } else { "must lie in 0..1" },
+                );
+            }
+        }
+        if t.metric == "judge" {
+            c.check(
+                t.min.is_some_and(|m| m > 0.0) || t.max.is_some_and(|m| m < 1.0),
+                &field,
+                "passes every answer: judge scores lie in 0..1, so set min above 0 or max below 1",
+            );
+        }
     }
     if seen.contains("judge") {
         match &e.judge {
@@ -339,7 +387,11 @@ fn eval(c: &mut Checker, e: &EvalAssignment) {
                     None => c.fail("eval.judge.endpoint", "is required"),
                 }
                 c.check(!j.rubric.trim().is_empty(), "eval.judge.rubric", "is required");
-                c.check(j.max_score >= 1, "eval.judge.maxScore", "must be at least 1");
+                c.check(
+                    (2..=100).contains(&j.max_score),
+                    "eval.judge.maxScore",
+                    "must be between 2 and 100 (a scale of one score passes every answer)",
+                );
             }
         }
     }
@@ -348,6 +400,7 @@ fn eval(c: &mut Checker, e: &EvalAssignment) {
         "eval.regex",
         "is required when metrics lists regexMatch",
     );
+    c.regex("eval.regex", &e.regex);
     if let Some(b) = &e.baseline {
         c.check(b.max_regression >= 0.0, "eval.baseline.maxRegression", "must not be negative");
     }
@@ -364,6 +417,7 @@ fn redact(c: &mut Checker, field: &str, r: &Redact) {
     for (k, custom) in r.custom.iter().enumerate() {
         c.check(!custom.name.is_empty(), &format!("{field}.custom[{k}].name"), "is required");
         c.check(!custom.pattern.is_empty(), &format!("{field}.custom[{k}].pattern"), "is required");
+        c.regex(&format!("{field}.custom[{k}].pattern"), &custom.pattern);
     }
 }
 
@@ -405,4 +459,102 @@ fn resolve(c: &mut Checker, r: &v1::ResolveAssignment) {
 /// Joins errors into one message, one per line.
 pub fn describe(errors: &[FieldError]) -> String {
     errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors_of(yaml: &str) -> Vec<String> {
+        let a = crate::parse_assignment(yaml).unwrap_or_else(|e| panic!("parses: {e}"));
+        a.validate().expect_err("must be invalid").iter().map(ToString::to_string).collect()
+    }
+
+    fn assert_error(yaml: &str, expected: &str) {
+        let errors = errors_of(yaml);
+        assert!(errors.iter().any(|e| e.contains(expected)), "expected {expected:?} in {errors:#?}");
+    }
+
+    const SOURCE: &str = "  source: {uri: \"store://ns/data.jsonl\"}\n  schema: chat\n  split: {train: 1}\n  output: {uri: \"store://ns/out/\"}\n";
+
+    #[test]
+    fn bad_regular_expressions_are_refused_naming_the_field() {
+        assert_error(
+            &format!("prepare:\n{SOURCE}  transforms: [{{filter: {{keepPattern: \"(abc\"}}}}]\n"),
+            "prepare.transforms[0].filter.keepPattern: is not a valid regular expression: error: unclosed group",
+        );
+        assert_error(
+            &format!("prepare:\n{SOURCE}  transforms: [{{filter: {{dropPattern: \"(?<=a)b\"}}}}]\n"),
+            "prepare.transforms[0].filter.dropPattern: is not a valid regular expression",
+        );
+        assert_error(
+            &format!("prepare:\n{SOURCE}  transforms: [{{redact: {{custom: [{{name: ID, pattern: \"[z-a]\"}}]}}}}]\n"),
+            "prepare.transforms[0].redact.custom[0].pattern: is not a valid regular expression",
+        );
+        // Valid RE2 that is too big for the worker's engine is caught here too.
+        assert_error(
+            &format!(
+                "prepare:\n{SOURCE}  transforms: [{{filter: {{keepPattern: \"\\\\w{{1000}}\\\\w{{1000}}\\\\w{{1000}}\"}}}}]\n"
+            ),
+            "prepare.transforms[0].filter.keepPattern: is not a valid regular expression",
+        );
+        assert_error(
+            "eval:\n  metrics: [regexMatch]\n  regex: \"a)\"\n",
+            "eval.regex: is not a valid regular expression",
+        );
+        assert_error(
+            "serve:\n  modelName: m\n  traffic: {uri: \"store://ns/t/\", redact: {custom: [{name: X, pattern: \"*\"}]}}\n",
+            "serve.traffic.redact.custom[0].pattern: is not a valid regular expression",
+        );
+    }
+
+    #[test]
+    fn good_regular_expressions_pass() {
+        let a = crate::parse_assignment(&format!(
+            "prepare:\n{SOURCE}  transforms: [{{filter: {{keepPattern: \"(?i)order [0-9]+\", dropPattern: \"lorem\"}}}}, {{redact: {{custom: [{{name: ID, pattern: \"ORD-[0-9]{{8}}\"}}]}}}}]\n"
+        ))
+        .expect("parses");
+        let errors = a.validate().err().unwrap_or_default();
+        assert!(!errors.iter().any(|e| e.field.contains("Pattern") || e.field.contains("pattern")), "{errors:#?}");
+    }
+
+    #[test]
+    fn store_keys_stay_under_their_root() {
+        for uri in ["store://../x", "store://ns/./x", "store:///abs", "store://ns//x", "store://ns/a/.."] {
+            assert_error(
+                &format!("prepare:\n  source: {{uri: \"{uri}\"}}\n  schema: chat\n"),
+                "prepare.source.uri: a store:// key must be relative",
+            );
+        }
+        for uri in ["store://ns/data.jsonl", "store://ns/dir/"] {
+            let a = crate::parse_assignment(&format!("prepare:\n  source: {{uri: \"{uri}\"}}\n  schema: chat\n"))
+                .expect("parses");
+            let errors = a.validate().err().unwrap_or_default();
+            assert!(!errors.iter().any(|e| e.field == "prepare.source.uri"), "{uri}: {errors:#?}");
+        }
+    }
+
+    #[test]
+    fn thresholds_lie_in_the_metric_range_and_judges_can_fail() {
+        assert_error(
+            "eval:\n  metrics: [tokenF1]\n  thresholds: [{metric: tokenF1, min: 0.8, max: 0.2}]\n",
+            "eval.thresholds[0].min: must not exceed max",
+        );
+        assert_error(
+            "eval:\n  metrics: [rougeL]\n  thresholds: [{metric: rougeL, min: 40}]\n",
+            "eval.thresholds[0].min: must lie in 0..1",
+        );
+        assert_error(
+            "eval:\n  metrics: [perplexity]\n  thresholds: [{metric: perplexity, max: 0.5}]\n",
+            "eval.thresholds[0].max: must be at least 1",
+        );
+        assert_error(
+            "eval:\n  metrics: [judge]\n  thresholds: [{metric: judge, min: 0}]\n",
+            "eval.thresholds[0]: passes every answer",
+        );
+        assert_error(
+            "eval:\n  metrics: [judge]\n  judge: {endpoint: {url: \"http://j:8000/v1\", model: j}, rubric: r, maxScore: 1}\n",
+            "eval.judge.maxScore: must be between 2 and 100",
+        );
+    }
 }
