@@ -9,12 +9,146 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-/// The regular expression every artifact or data URI must match.
+/// The regular expression every artifact or data URI must match. `file://` and `pvc://`
+/// pass it so that [`uri_rules`] can refuse them with a message that says why.
 pub const URI_PATTERN: &str = r"^(store|s3|https?|pvc|file)://\S+$";
 /// The regular expression of a lowercase hex sha256 digest.
 pub const SHA256_PATTERN: &str = r"^[a-f0-9]{64}$";
 /// The regular expression of a Kubernetes object name (DNS-1123 subdomain).
 pub const NAME_PATTERN: &str = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$";
+/// The regular expression of a ModelDeployment's name (and of references to one): a
+/// DNS-1035 label, because the Service in front of it carries the same name.
+pub const DEPLOYMENT_NAME_PATTERN: &str = r"^[a-z]([-a-z0-9]*[a-z0-9])?$";
+/// The regular expression of a Kubernetes label value (without the 63-character limit).
+pub const LABEL_VALUE_PATTERN: &str = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$";
+/// Largest JSON integer that every client reads back exactly (2^53 - 1): the bound of
+/// seeds and other 64-bit counts.
+pub const MAX_SAFE_INTEGER: i64 = 9_007_199_254_740_991;
+/// Bound of step counts and record limits.
+pub const MAX_COUNT: i64 = 1_000_000_000;
+
+/// The CEL regular expression of a port from 1 to 65535.
+const PORT_RE: &str = "([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])";
+
+/// CEL rule of an http(s) URL: when it names a port, the port lies in 1..65535.
+fn port_rule() -> serde_json::Value {
+    serde_json::json!({
+        "rule": format!(
+            "!self.matches('^https?://[^/?#]*:[0-9]*([/?#].*)?$') || self.matches('^https?://[^/?#]*:{PORT_RE}([/?#].*)?$')"
+        ),
+        "message": "the port of the URL must be between 1 and 65535"
+    })
+}
+
+/// The CEL rules of every URI a user gives (sources, models, adapters, outputs):
+/// - `file://` is refused: in a pod it reads the pod's own files (such as its
+///   service-account token); local files belong to the CLI, which uploads them;
+/// - `pvc://` is refused: no workload mounts claims named in a spec;
+/// - no `.` or `..` path segments, so a key cannot climb out of its prefix, and a
+///   `store://` key is relative (no leading `/`, no empty segments);
+/// - an http(s) port lies in 1..65535.
+pub fn uri_rules() -> serde_json::Value {
+    serde_json::json!([
+        {"rule": "!self.startsWith('file://')", "message": "file:// URIs are refused: in a pod they read the pod's own files (such as its service-account token); put the file in the artifact store and use store://KEY, s3:// or https://"},
+        {"rule": "!self.startsWith('pvc://')", "message": "pvc:// URIs are not supported: copy the data into the artifact store (store://KEY) or an S3 bucket (s3://BUCKET/KEY)"},
+        {"rule": "!self.matches('/[.][.]?(/|$)')", "message": "the URI must not contain . or .. path segments"},
+        {"rule": "!self.matches('^store://(/|.*//)')", "message": "a store:// key is relative to the namespace's store: no leading / and no empty segments"},
+        port_rule()
+    ])
+}
+
+/// The CEL rules of an endpoint URL (http:// or https://, checked by its pattern).
+pub fn url_rules() -> serde_json::Value {
+    serde_json::json!([port_rule()])
+}
+
+/// The CEL rule of a regular expression: it must compile with RE2 (the apiserver's
+/// engine, whose syntax the worker's engine shares; the operator compiles it again with
+/// the worker's engine before any pod starts).
+pub fn regex_rules() -> serde_json::Value {
+    serde_json::json!([
+        {"rule": "type(''.matches(self)) == bool", "message": "must be a valid regular expression (RE2 syntax: no look-around or back-references)"}
+    ])
+}
+
+/// The CEL rule of a text that must say something: not empty, not only whitespace.
+pub fn nonblank_rules() -> serde_json::Value {
+    serde_json::json!([
+        {"rule": "self.trim() != ''", "message": "must not be empty or only whitespace"}
+    ])
+}
+
+/// A Kubernetes qualified name (label or taint key): an optional DNS subdomain prefix
+/// and `/`, then a name of up to 63 characters.
+fn qualified_name_rule(var: &str) -> String {
+    format!(
+        "{var}.matches('^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$') \
+         && ({var}.contains('/') ? ({var}.split('/')[0].size() <= 253 && {var}.split('/')[1].size() <= 63) : {var}.size() <= 63)"
+    )
+}
+
+/// Schema of a CPU or memory quantity: an integer or a Kubernetes quantity string
+/// greater than zero (`500m`, `0.5`, `2`, `2Gi`; not `32GB` or `-2`).
+fn quantity_schema(what: &str, examples: &str) -> schemars::Schema {
+    let value = serde_json::json!({
+        "nullable": true,
+        "x-kubernetes-int-or-string": true,
+        "x-kubernetes-validations": [{
+            "rule": "type(self) == int ? self > 0 : (isQuantity(self) && quantity(self).isGreaterThan(quantity('0')))",
+            "message": format!("{what} must be a Kubernetes quantity greater than 0, such as {examples}")
+        }]
+    });
+    schemars::Schema::try_from(value).unwrap_or_default()
+}
+
+fn cpu_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    quantity_schema("cpu", "500m, 0.5 or 2")
+}
+
+fn memory_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    quantity_schema("memory", "512Mi or 8Gi (32GB is not one: write 32G or 32Gi)")
+}
+
+/// Schema of node-selector labels: keys are qualified names, values label values.
+fn node_selector_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let value = serde_json::json!({
+        "type": "object",
+        "maxProperties": 32,
+        "additionalProperties": {"type": "string", "maxLength": 63, "pattern": LABEL_VALUE_PATTERN},
+        "x-kubernetes-validations": [{
+            "rule": format!("self.all(k, {})", qualified_name_rule("k")),
+            "message": "every nodeSelector key must be a label key: an optional DNS subdomain prefix and /, then up to 63 letters, digits, -, _ or . that start and end with a letter or digit"
+        }]
+    });
+    schemars::Schema::try_from(value).unwrap_or_default()
+}
+
+/// Schema of tolerations, checked as Kubernetes checks a pod's: operators Exists or
+/// Equal, effects NoSchedule, PreferNoSchedule or NoExecute, keys label keys.
+fn tolerations_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let value = serde_json::json!({
+        "type": "array",
+        "maxItems": 32,
+        "items": {
+            "type": "object",
+            "description": "A taint the pod tolerates.",
+            "properties": {
+                "key": {"type": "string", "maxLength": 317, "description": "Taint key; empty (with operator Exists) matches every key."},
+                "operator": {"type": "string", "enum": ["Exists", "Equal", ""], "description": "Exists or Equal (the default)."},
+                "value": {"type": "string", "maxLength": 63, "pattern": LABEL_VALUE_PATTERN, "description": "Taint value, for operator Equal."},
+                "effect": {"type": "string", "enum": ["NoSchedule", "PreferNoSchedule", "NoExecute", ""], "description": "Taint effect; empty matches every effect."},
+                "tolerationSeconds": {"type": "integer", "format": "int64", "minimum": 0, "maximum": 2147483647, "description": "Seconds a NoExecute taint is tolerated before eviction."}
+            },
+            "x-kubernetes-validations": [
+                {"rule": format!("!has(self.key) || self.key == '' || ({})", qualified_name_rule("self.key")), "message": "key must be a label key: an optional DNS subdomain prefix and /, then up to 63 letters, digits, -, _ or .", "fieldPath": ".key", "reason": "FieldValueInvalid"},
+                {"rule": "(has(self.key) && self.key != '') || (has(self.operator) && self.operator == 'Exists')", "message": "an empty key needs operator Exists", "fieldPath": ".operator", "reason": "FieldValueInvalid"},
+                {"rule": "!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''", "message": "value must be empty when operator is Exists", "fieldPath": ".value", "reason": "FieldValueInvalid"},
+                {"rule": "!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')", "message": "tolerationSeconds needs effect NoExecute", "fieldPath": ".tolerationSeconds", "reason": "FieldValueInvalid"}
+            ]
+        }
+    });
+    schemars::Schema::try_from(value).unwrap_or_default()
+}
 
 /// On-disk layout of a model's weights.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
@@ -47,14 +181,15 @@ pub enum DType {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
-    {"rule": "has(self.uri) != has(self.fineTuneJob)", "message": "exactly one of uri or fineTuneJob must be set"}
+    {"rule": "has(self.uri) != has(self.fineTuneJob)", "message": "exactly one of uri or fineTuneJob must be set"},
+    {"rule": "!has(self.uri) || !self.uri.startsWith('http://') || has(self.sha256)", "message": "an http:// download needs sha256: plain HTTP can be altered on the way", "fieldPath": ".sha256", "reason": "FieldValueRequired"}
 ]))]
 pub struct ModelSource {
-    /// URI of the weights: a GGUF file or an HF directory under store://KEY, s3://BUCKET/KEY,
-    /// https://HOST/PATH, pvc://CLAIM/PATH or file://PATH. The operator resolves it once
+    /// URI of the weights: a GGUF file or an HF directory under store://KEY, s3://BUCKET/KEY
+    /// or https://HOST/PATH (http:// only with sha256). The operator resolves it once
     /// into the artifact store (models/sha256-DIGEST/) and every pod reads that copy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 1024), regex(pattern = URI_PATTERN))]
+    #[schemars(length(max = 1024), regex(pattern = URI_PATTERN), extend("x-kubernetes-validations" = uri_rules()))]
     pub uri: Option<String>,
     /// Name of a FineTuneJob in this namespace whose output is the model: its merged model
     /// for method full, or its base model plus its adapter for method lora. The job must
@@ -82,12 +217,14 @@ pub struct ModelSource {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
-    {"rule": "has(self.uri) != has(self.fineTuneJob)", "message": "exactly one of uri or fineTuneJob must be set"}
+    {"rule": "has(self.uri) != has(self.fineTuneJob)", "message": "exactly one of uri or fineTuneJob must be set"},
+    {"rule": "!has(self.uri) || !self.uri.startsWith('http://') || has(self.sha256)", "message": "an http:// download needs sha256: plain HTTP can be altered on the way", "fieldPath": ".sha256", "reason": "FieldValueRequired"}
 ]))]
 pub struct AdapterSource {
-    /// URI of a PEFT adapter directory (adapter_model.safetensors + adapter_config.json).
+    /// URI of a PEFT adapter directory (adapter_model.safetensors + adapter_config.json):
+    /// store://KEY, s3://BUCKET/KEY or https://HOST/PATH (http:// only with sha256).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 1024), regex(pattern = URI_PATTERN))]
+    #[schemars(length(max = 1024), regex(pattern = URI_PATTERN), extend("x-kubernetes-validations" = uri_rules()))]
     pub uri: Option<String>,
     /// Name of a FineTuneJob (method lora) in this namespace whose adapter is used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -129,7 +266,7 @@ pub struct SecretKeyRef {
     pub name: String,
     /// Key within the Secret. When absent, every key of the Secret is read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
     pub key: Option<String>,
 }
 
@@ -140,27 +277,32 @@ pub struct Resources {
     /// Number of NVIDIA GPUs for the pod (nvidia.com/gpu), 0 or 1. A pod with 0 GPUs runs
     /// the CPU worker image and sees no GPU at all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0), extend("x-kubernetes-validations" = [
+    #[schemars(range(min = 0, max = 1), extend("x-kubernetes-validations" = [
         {"rule": "self <= 1", "message": "gpus must be 0 or 1: a pod uses at most one GPU (data-parallel training is not supported yet)"}
     ]))]
     pub gpus: Option<i32>,
-    /// CPU request and limit, e.g. "2" or "500m".
+    /// CPU request and limit, a Kubernetes quantity greater than 0, e.g. "2", "0.5" or
+    /// "500m".
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "cpu_schema")]
     pub cpu: Option<Quantity>,
-    /// Memory request and limit, e.g. "8Gi".
+    /// Memory request and limit, a Kubernetes quantity greater than 0, e.g. "8Gi".
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "memory_schema")]
     pub memory: Option<Quantity>,
     /// Node labels the pod must match, e.g. nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3.
+    /// Keys are label keys and values label values, as Kubernetes checks them.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[schemars(extend("maxProperties" = 32))]
+    #[schemars(schema_with = "node_selector_schema")]
     pub node_selector: BTreeMap<String, String>,
-    /// Tolerations of the pod, e.g. for tainted GPU nodes.
+    /// Tolerations of the pod, e.g. for tainted GPU nodes: operator Exists or Equal,
+    /// effect NoSchedule, PreferNoSchedule or NoExecute.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 32))]
+    #[schemars(schema_with = "tolerations_schema")]
     pub tolerations: Vec<Toleration>,
     /// PriorityClass of the pod.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 253))]
+    #[schemars(length(max = 253), regex(pattern = NAME_PATTERN))]
     pub priority_class_name: Option<String>,
 }
 
@@ -178,11 +320,11 @@ pub struct GenerationParameters {
     pub top_p: Option<f64>,
     /// Keep only the topK most likely tokens; 0 disables the limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0))]
+    #[schemars(range(min = 0, max = 1048576))]
     pub top_k: Option<i32>,
     /// Maximum number of tokens to generate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 1048576))]
     pub max_tokens: Option<i32>,
     /// Penalty applied to tokens already generated; 1 disables it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -194,7 +336,7 @@ pub struct GenerationParameters {
     pub stop: Vec<String>,
     /// Seed of the sampler, for reproducible sampled output.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0))]
+    #[schemars(range(min = 0, max = MAX_SAFE_INTEGER))]
     pub seed: Option<i64>,
 }
 

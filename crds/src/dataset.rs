@@ -8,7 +8,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::common::{
-    Artifact, CommonStatus, JobTimes, Lineage, ModelSource, NAME_PATTERN, Resources, URI_PATTERN, default_true,
+    Artifact, CommonStatus, DEPLOYMENT_NAME_PATTERN, JobTimes, Lineage, MAX_COUNT, MAX_SAFE_INTEGER, ModelSource,
+    Resources, URI_PATTERN, default_true, regex_rules, uri_rules,
 };
 
 /// Prepares a versioned, content-addressed dataset: reads records from a source, applies
@@ -35,6 +36,10 @@ use crate::common::{
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!has(self.transforms) || has(self.tokenStats) || !self.transforms.exists(t, has(t.filter) && (has(t.filter.minTokens) || has(t.filter.maxTokens)))", "message": "a filter with minTokens or maxTokens needs tokenStats.model, whose tokenizer counts the tokens", "fieldPath": ".tokenStats", "reason": "FieldValueRequired"},
+    {"rule": "!has(self.mapping) || (self.schema == 'chat' && !has(self.mapping.prompt) && !has(self.mapping.completion) && !has(self.mapping.text)) || (self.schema == 'completion' && !has(self.mapping.messages) && !has(self.mapping.system) && !has(self.mapping.text)) || (self.schema == 'text' && !has(self.mapping.messages) && !has(self.mapping.system) && !has(self.mapping.prompt) && !has(self.mapping.completion))", "message": "mapping names a field the schema never reads: chat reads messages and system, completion reads prompt and completion, text reads text", "fieldPath": ".mapping", "reason": "FieldValueInvalid"}
+]))]
 pub struct DatasetSpec {
     /// Where the records come from.
     pub source: DatasetSource,
@@ -47,6 +52,7 @@ pub struct DatasetSpec {
     #[serde(default = "default_schema")]
     pub schema: RecordSchema,
     /// Field names of the source records, when they differ from the schema's own names.
+    /// Only the fields the schema reads may be set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mapping: Option<FieldMapping>,
     /// Transforms applied to every record, in this order.
@@ -86,11 +92,11 @@ pub(crate) fn default_backoff_limit() -> i32 {
     {"rule": "[has(self.uri), has(self.inline), has(self.feedback)].exists_one(x, x)", "message": "exactly one of uri, inline or feedback must be set"}
 ]))]
 pub struct DatasetSource {
-    /// URI of a file or a directory of files: store://KEY, s3://BUCKET/PREFIX,
-    /// https://HOST/PATH, pvc://CLAIM/PATH or file://PATH. A trailing glob (e.g.
-    /// s3://corpus/2026/*.jsonl.gz) selects several files.
+    /// URI of a file or a directory of files: store://KEY, s3://BUCKET/PREFIX or
+    /// https://HOST/PATH (file:// and pvc:// are refused; no . or .. segments). A
+    /// trailing glob (e.g. s3://corpus/2026/*.jsonl.gz) selects several files.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 1024), regex(pattern = URI_PATTERN))]
+    #[schemars(length(max = 1024), regex(pattern = URI_PATTERN), extend("x-kubernetes-validations" = uri_rules()))]
     pub uri: Option<String>,
     /// Records written in the manifest itself, each an object in the source format's
     /// field names.
@@ -115,7 +121,7 @@ pub struct InlineRecord(
 #[serde(rename_all = "camelCase")]
 pub struct FeedbackSource {
     /// Name of the ModelDeployment in this namespace whose traffic log is read.
-    #[schemars(length(min = 1, max = 253), regex(pattern = NAME_PATTERN))]
+    #[schemars(length(min = 1, max = 63), regex(pattern = DEPLOYMENT_NAME_PATTERN))]
     pub model_deployment: String,
     /// Keep completions rated at least this (1 to 5).
     #[serde(default = "default_min_rating")]
@@ -251,27 +257,27 @@ fn default_unicode_form() -> UnicodeForm {
 pub struct FilterTransform {
     /// Minimum number of characters of the record's text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0))]
+    #[schemars(range(min = 0, max = MAX_COUNT))]
     pub min_chars: Option<i64>,
     /// Maximum number of characters of the record's text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = MAX_COUNT))]
     pub max_chars: Option<i64>,
-    /// Minimum number of tokens (needs tokenStats.model).
+    /// Minimum number of tokens (needs tokenStats.model, refused without it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0))]
+    #[schemars(range(min = 0, max = MAX_COUNT))]
     pub min_tokens: Option<i64>,
     /// Maximum number of tokens (needs tokenStats.model).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = MAX_COUNT))]
     pub max_tokens: Option<i64>,
-    /// Keep only records matching this regular expression.
+    /// Keep only records matching this regular expression (RE2 syntax).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 1024))]
+    #[schemars(length(min = 1, max = 1024), extend("x-kubernetes-validations" = regex_rules()))]
     pub keep_pattern: Option<String>,
-    /// Drop records matching this regular expression.
+    /// Drop records matching this regular expression (RE2 syntax).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 1024))]
+    #[schemars(length(min = 1, max = 1024), extend("x-kubernetes-validations" = regex_rules()))]
     pub drop_pattern: Option<String>,
     /// Drop records in which more than this fraction of characters are neither letters,
     /// digits nor whitespace.
@@ -326,7 +332,7 @@ pub struct CustomPattern {
     #[schemars(length(min = 1, max = 63), regex(pattern = r"^[A-Za-z][A-Za-z0-9_]*$"))]
     pub name: String,
     /// Regular expression (RE2 syntax: no look-around or back-references).
-    #[schemars(length(min = 1, max = 1024))]
+    #[schemars(length(min = 1, max = 1024), extend("x-kubernetes-validations" = regex_rules()))]
     pub pattern: String,
 }
 
@@ -358,7 +364,7 @@ pub struct NearDedupTransform {
     pub threshold: f64,
     /// Seed of the hash permutations.
     #[serde(default)]
-    #[schemars(range(min = 0))]
+    #[schemars(range(min = 0, max = MAX_SAFE_INTEGER))]
     pub seed: i64,
 }
 
@@ -394,7 +400,7 @@ pub struct Split {
     pub test: f64,
     /// Seed of the assignment of records to splits.
     #[serde(default)]
-    #[schemars(range(min = 0))]
+    #[schemars(range(min = 0, max = MAX_SAFE_INTEGER))]
     pub seed: i64,
 }
 
@@ -437,7 +443,7 @@ pub struct DatasetOutput {
     /// Directory URI of the output. Defaults to the artifact store:
     /// store://NAMESPACE/dataset/NAME/UID/output/.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 1024), regex(pattern = URI_PATTERN))]
+    #[schemars(length(max = 1024), regex(pattern = URI_PATTERN), extend("x-kubernetes-validations" = uri_rules()))]
     pub uri: Option<String>,
     /// Also write each split as JSONL beside the Parquet file.
     #[serde(default)]

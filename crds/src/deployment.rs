@@ -44,7 +44,8 @@ use crate::evalrun::Evaluation;
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
     {"rule": "!has(self.autoscaling) || !has(self.replicas) || (self.replicas >= self.autoscaling.minReplicas && self.replicas <= self.autoscaling.maxReplicas)", "message": "replicas must lie within autoscaling.minReplicas and autoscaling.maxReplicas", "fieldPath": ".replicas", "reason": "FieldValueInvalid"},
-    {"rule": "!has(self.promotion) || !has(self.promotion.model) || (has(self.adapters) && self.adapters.exists(a, a.name == self.promotion.model))", "message": "promotion.model must name one of adapters (or be absent for the base model)", "fieldPath": ".promotion.model", "reason": "FieldValueInvalid"}
+    {"rule": "!has(self.promotion) || !has(self.promotion.model) || (has(self.adapters) && self.adapters.exists(a, a.name == self.promotion.model))", "message": "promotion.model must name one of adapters (or be absent for the base model)", "fieldPath": ".promotion.model", "reason": "FieldValueInvalid"},
+    {"rule": "!has(self.autoscaling) || (has(self.resources) && has(self.resources.cpu))", "message": "autoscaling scales on CPU utilisation, a percentage of the CPU request: set resources.cpu", "fieldPath": ".resources", "reason": "FieldValueRequired"}
 ]))]
 pub struct ModelDeploymentSpec {
     /// The base model served.
@@ -64,7 +65,8 @@ pub struct ModelDeploymentSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 1000))]
     pub replicas: Option<i32>,
-    /// Scale with load through an owned HorizontalPodAutoscaler.
+    /// Scale with load through an owned HorizontalPodAutoscaler; needs resources.cpu,
+    /// which CPU utilisation is measured against.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaling: Option<Autoscaling>,
     /// Resources of each serving pod.

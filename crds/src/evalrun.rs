@@ -7,8 +7,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::common::{
-    AdapterSource, CommonStatus, GenerationParameters, JobTimes, LocalRef, ModelSource, NAME_PATTERN, Resources,
-    SecretKeyRef,
+    AdapterSource, CommonStatus, DEPLOYMENT_NAME_PATTERN, GenerationParameters, JobTimes, LocalRef, MAX_COUNT,
+    ModelSource, NAME_PATTERN, Resources, SecretKeyRef, nonblank_rules, regex_rules, url_rules,
 };
 use crate::dataset::default_backoff_limit;
 use crate::finetune::SplitName;
@@ -64,7 +64,7 @@ pub struct EvalTarget {
     pub adapter: Option<AdapterSource>,
     /// A ModelDeployment in this namespace, evaluated through its endpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 253), regex(pattern = NAME_PATTERN))]
+    #[schemars(length(min = 1, max = 63), regex(pattern = DEPLOYMENT_NAME_PATTERN))]
     pub model_deployment: Option<String>,
     /// Any OpenAI-compatible endpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -75,11 +75,12 @@ pub struct EvalTarget {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Endpoint {
-    /// Base URL, up to and including /v1, e.g. http://vllm.serving:8000/v1.
-    #[schemars(length(min = 1, max = 1024), regex(pattern = r"^https?://\S+$"))]
+    /// Base URL, up to and including /v1, e.g. http://vllm.serving:8000/v1 (a port lies
+    /// in 1..65535).
+    #[schemars(length(min = 1, max = 1024), regex(pattern = r"^https?://\S+$"), extend("x-kubernetes-validations" = url_rules()))]
     pub url: String,
     /// Model name sent in each request.
-    #[schemars(length(min = 1, max = 256))]
+    #[schemars(length(min = 1, max = 256), extend("x-kubernetes-validations" = nonblank_rules()))]
     pub model: String,
     /// Secret key holding the API key sent as a bearer token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -114,13 +115,13 @@ pub struct Evaluation {
     /// Settings of the judge metric.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub judge: Option<Judge>,
-    /// Regular expression of the regexMatch metric.
+    /// Regular expression of the regexMatch metric (RE2 syntax).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 1024))]
+    #[schemars(length(min = 1, max = 1024), extend("x-kubernetes-validations" = regex_rules()))]
     pub regex: Option<String>,
     /// Evaluate at most this many samples (the first ones of the split).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = MAX_COUNT))]
     pub sample_limit: Option<i64>,
     /// The run fails when more than this fraction of requests to the target fail.
     #[serde(default = "default_max_error_fraction")]
@@ -185,11 +186,17 @@ pub enum Metric {
     Judge,
 }
 
-/// Bounds on one metric. At least one of min and max is set.
+/// Bounds on one metric. At least one of min and max is set, min does not exceed max,
+/// and both lie in the metric's range: 0..1 for every metric but perplexity, which is
+/// at least 1. A judge threshold must be able to fail.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
-    {"rule": "has(self.min) || has(self.max)", "message": "a threshold needs min or max"}
+    {"rule": "has(self.min) || has(self.max)", "message": "a threshold needs min or max"},
+    {"rule": "!has(self.min) || !has(self.max) || self.min <= self.max", "message": "min must not exceed max", "fieldPath": ".min", "reason": "FieldValueInvalid"},
+    {"rule": "self.metric == 'perplexity' || ((!has(self.min) || (self.min >= 0.0 && self.min <= 1.0)) && (!has(self.max) || (self.max >= 0.0 && self.max <= 1.0)))", "message": "min and max must lie in 0..1: every metric but perplexity (exactMatch, normalizedExactMatch, contains, regexMatch, tokenF1, rougeL, bleu, multipleChoice, judge) is a fraction", "reason": "FieldValueInvalid"},
+    {"rule": "self.metric != 'perplexity' || ((!has(self.min) || self.min >= 1.0) && (!has(self.max) || self.max >= 1.0))", "message": "perplexity is at least 1: min and max below 1 can never hold", "reason": "FieldValueInvalid"},
+    {"rule": "self.metric != 'judge' || (has(self.min) && self.min > 0.0) || (has(self.max) && self.max < 1.0)", "message": "this judge threshold passes every answer: judge scores lie in 0..1, so set min above 0 or max below 1", "reason": "FieldValueInvalid"}
 ]))]
 pub struct Threshold {
     /// The metric bounded; it must be listed in metrics.
@@ -225,18 +232,19 @@ pub struct Baseline {
 pub struct Judge {
     /// A ModelDeployment in this namespace that judges.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 253), regex(pattern = NAME_PATTERN))]
+    #[schemars(length(min = 1, max = 63), regex(pattern = DEPLOYMENT_NAME_PATTERN))]
     pub model_deployment: Option<String>,
     /// An OpenAI-compatible endpoint that judges.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<Endpoint>,
     /// Rubric, a Jinja template with the variables input, expected and output; the judge
     /// answers with a score from 1 to maxScore.
-    #[schemars(length(min = 1, max = 16384))]
+    #[schemars(length(min = 1, max = 16384), extend("x-kubernetes-validations" = nonblank_rules()))]
     pub rubric: String,
-    /// Highest score of the rubric.
+    /// Highest score of the rubric, at least 2: a score s counts as (s - 1) / (maxScore -
+    /// 1), so a scale of one score would pass every answer.
     #[serde(default = "default_max_score")]
-    #[schemars(range(min = 1, max = 100))]
+    #[schemars(range(min = 2, max = 100))]
     pub max_score: i32,
 }
 

@@ -4,7 +4,9 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::common::{Artifact, CommonStatus, JobTimes, Lineage, ModelSource, NAME_PATTERN, Resources};
+use crate::common::{
+    Artifact, CommonStatus, JobTimes, Lineage, MAX_COUNT, MAX_SAFE_INTEGER, ModelSource, NAME_PATTERN, Resources,
+};
 use crate::dataset::default_backoff_limit;
 
 /// Fine-tunes a base model on a Dataset and writes a PEFT-compatible adapter (method
@@ -36,7 +38,9 @@ use crate::dataset::default_backoff_limit;
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
     {"rule": "self.method != 'lora' || has(self.lora)", "message": "lora settings are required when method is lora", "fieldPath": ".lora", "reason": "FieldValueRequired"},
-    {"rule": "self.method != 'full' || !has(self.lora)", "message": "lora settings must not be set when method is full", "fieldPath": ".lora", "reason": "FieldValueForbidden"}
+    {"rule": "self.method != 'full' || !has(self.lora)", "message": "lora settings must not be set when method is full", "fieldPath": ".lora", "reason": "FieldValueForbidden"},
+    {"rule": "self.method != 'full' || !has(self.merge) || !self.merge", "message": "merge applies to method lora only: method full already writes the whole model", "fieldPath": ".merge", "reason": "FieldValueForbidden"},
+    {"rule": "!has(self.earlyStopping) || has(self.dataset.validationSplit)", "message": "earlyStopping watches the validation loss: set dataset.validationSplit", "fieldPath": ".earlyStopping", "reason": "FieldValueRequired"}
 ]))]
 pub struct FineTuneJobSpec {
     /// The base model to adapt.
@@ -56,10 +60,11 @@ pub struct FineTuneJobSpec {
     /// How often checkpoints are written to the artifact store.
     #[serde(default)]
     pub checkpoints: CheckpointSpec,
-    /// Stop when the validation loss has not improved for a while.
+    /// Stop when the validation loss has not improved for a while; needs
+    /// dataset.validationSplit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub early_stopping: Option<EarlyStopping>,
-    /// Also write the base model with the adapter merged in (method lora).
+    /// Also write the base model with the adapter merged in (method lora only).
     #[serde(default)]
     pub merge: bool,
     /// Resources of the training pod.
@@ -83,6 +88,9 @@ fn default_method() -> FineTuneMethod {
 /// The Dataset a job reads, and which of its splits.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!has(self.validationSplit) || self.validationSplit != (has(self.trainSplit) ? self.trainSplit : 'train')", "message": "validationSplit must differ from trainSplit: a loss on the training data does not measure generalisation", "fieldPath": ".validationSplit", "reason": "FieldValueInvalid"}
+]))]
 pub struct DatasetInput {
     /// Name of the Dataset in this namespace.
     #[schemars(length(min = 1, max = 253), regex(pattern = NAME_PATTERN))]
@@ -90,7 +98,7 @@ pub struct DatasetInput {
     /// Split to train on.
     #[serde(default = "default_train_split")]
     pub train_split: SplitName,
-    /// Split to compute the validation loss on; none when absent.
+    /// Split to compute the validation loss on (not the train split); none when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub validation_split: Option<SplitName>,
 }
@@ -224,7 +232,7 @@ pub struct Hyperparameters {
     pub epochs: i32,
     /// Caps the run at this many optimizer steps, whatever epochs says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = MAX_COUNT))]
     pub max_steps: Option<i64>,
     /// Sequences per micro-batch.
     #[serde(default = "default_batch_size")]
@@ -243,7 +251,7 @@ pub struct Hyperparameters {
     pub lr_schedule: LrSchedule,
     /// Optimizer steps of linear warmup from zero.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0))]
+    #[schemars(range(min = 0, max = MAX_COUNT))]
     pub warmup_steps: Option<i64>,
     /// AdamW weight decay.
     #[serde(default)]
@@ -262,11 +270,11 @@ pub struct Hyperparameters {
     pub packing: bool,
     /// Compute the validation loss every this many optimizer steps.
     #[serde(default = "default_eval_interval")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = MAX_COUNT))]
     pub eval_interval: i64,
     /// Seed of initialisation, dropout and data order.
     #[serde(default = "default_seed")]
-    #[schemars(range(min = 0))]
+    #[schemars(range(min = 0, max = MAX_SAFE_INTEGER))]
     pub seed: i64,
 }
 
@@ -324,7 +332,7 @@ impl Default for Hyperparameters {
 pub struct CheckpointSpec {
     /// Write a checkpoint every this many optimizer steps.
     #[serde(default = "default_checkpoint_interval")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = MAX_COUNT))]
     pub interval_steps: i64,
     /// Number of newest checkpoints kept; older ones are deleted.
     #[serde(default = "default_keep")]

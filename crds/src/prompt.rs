@@ -6,7 +6,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::common::{CommonStatus, GenerationParameters};
+use crate::common::{CommonStatus, GenerationParameters, nonblank_rules};
 
 /// One immutable version of a prompt: chat messages or a single template in Jinja syntax,
 /// its declared variables and default generation parameters. Deployments and
@@ -36,7 +36,8 @@ use crate::common::{CommonStatus, GenerationParameters};
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
     {"rule": "self == oldSelf", "message": "a PromptVersion is immutable: create a new PromptVersion instead of changing this one"},
-    {"rule": "has(self.messages) != has(self.template)", "message": "exactly one of messages or template must be set"}
+    {"rule": "has(self.messages) != has(self.template)", "message": "exactly one of messages or template must be set"},
+    {"rule": "!has(self.examples) || self.examples.all(e, !has(e.variables) || e.variables.all(k, has(self.variables) && self.variables.exists(v, v.name == k)))", "message": "an example sets a variable that variables does not declare", "fieldPath": ".examples", "reason": "FieldValueInvalid"}
 ]))]
 pub struct PromptVersionSpec {
     /// Name of the prompt family this version belongs to, e.g. support-answer.
@@ -46,9 +47,10 @@ pub struct PromptVersionSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 64))]
     pub messages: Option<Vec<PromptMessage>>,
-    /// A single Jinja template rendered to plain text (completion-style prompts).
+    /// A single Jinja template rendered to plain text (completion-style prompts); not
+    /// empty.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 65536))]
+    #[schemars(length(min = 1, max = 65536), extend("x-kubernetes-validations" = nonblank_rules()))]
     pub template: Option<String>,
     /// Variables the templates use. A template that uses an undeclared variable, or an
     /// example that misses a required one, makes the PromptVersion not Ready.
@@ -60,7 +62,7 @@ pub struct PromptVersionSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parameters: Option<GenerationParameters>,
     /// Example variable values, rendered when the PromptVersion is reconciled to prove the
-    /// templates work.
+    /// templates work. An example may set only declared variables.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
@@ -96,8 +98,9 @@ impl Role {
 pub struct PromptMessage {
     /// Who speaks.
     pub role: Role,
-    /// Content of the message, a Jinja template, e.g. "Answer in {{ language }}.".
-    #[schemars(length(max = 65536))]
+    /// Content of the message, a Jinja template, e.g. "Answer in {{ language }}."; not
+    /// empty.
+    #[schemars(length(min = 1, max = 65536), extend("x-kubernetes-validations" = nonblank_rules()))]
     pub content: String,
 }
 

@@ -293,3 +293,99 @@ fn defaults_fill_in_omitted_fields() {
     assert_eq!(hp["learningRate"]["default"], serde_json::json!(2e-4));
     assert_eq!(hp["learningRate"]["exclusiveMinimum"], serde_json::json!(true));
 }
+
+/// The apiserver does not range-check `format: int32`: an object holding 2147483648 is
+/// stored, and then every typed reader of its kind (the operator's watch) fails on it.
+/// Every integer of every kind therefore carries a maximum (and a minimum); those of
+/// the spec are chosen per field, not left at the type's limits.
+#[test]
+fn every_integer_has_a_maximum() {
+    let mut missing = Vec::new();
+    let mut spec_integers = 0;
+    for crd in crds() {
+        let json = crd_json(&crd);
+        walk(schema_of(&json), String::new(), &mut |path, node| {
+            if node.get("type").and_then(Value::as_str) != Some("integer") {
+                return;
+            }
+            let kind = &crd.spec.names.kind;
+            let max = node.get("maximum").and_then(Value::as_f64);
+            let min = node.get("minimum").and_then(Value::as_f64);
+            match (min, max) {
+                (Some(min), Some(max)) => {
+                    // Bounds beyond 2^53 do not survive a trip through a JSON number.
+                    let exact = MAX_SAFE_INTEGER as f64;
+                    if max > exact || min < -exact {
+                        missing.push(format!("{kind}: {path}: bounds {min}..{max} are not exact JSON numbers"));
+                    }
+                    if node.get("format").and_then(Value::as_str) == Some("int32") && max > f64::from(i32::MAX) {
+                        missing.push(format!("{kind}: {path}: maximum {max} does not fit an int32"));
+                    }
+                    if path.starts_with(".spec") {
+                        spec_integers += 1;
+                        if max >= f64::from(i32::MAX) && node.get("format").and_then(Value::as_str) == Some("int32") {
+                            missing.push(format!("{kind}: {path}: a spec int32 needs a chosen bound, not the type's"));
+                        }
+                    }
+                }
+                _ => missing.push(format!("{kind}: {path}: integer without minimum and maximum")),
+            }
+        });
+    }
+    assert!(missing.is_empty(), "integers without bounds:\n{}", missing.join("\n"));
+    assert!(spec_integers >= 30, "expected the integers of every kind's spec, found {spec_integers}");
+}
+
+/// Every string a user writes in a spec is bounded (maxLength, an enum or a format), and
+/// so is every list and map.
+#[test]
+fn every_spec_string_list_and_map_is_bounded() {
+    let mut unbounded = Vec::new();
+    for crd in crds() {
+        let json = crd_json(&crd);
+        let spec = &schema_of(&json)["properties"]["spec"];
+        walk(spec, ".spec".into(), &mut |path, node| {
+            let kind = &crd.spec.names.kind;
+            let bounded = match node.get("type").and_then(Value::as_str) {
+                Some("string") => {
+                    node.get("maxLength").is_some() || node.get("enum").is_some() || node.get("format").is_some()
+                }
+                Some("array") => node.get("maxItems").is_some(),
+                Some("object") if node.get("additionalProperties").is_some_and(Value::is_object) => {
+                    node.get("maxProperties").is_some()
+                }
+                _ => true,
+            };
+            if !bounded {
+                unbounded.push(format!("{kind}: {path}"));
+            }
+        });
+    }
+    assert!(unbounded.is_empty(), "unbounded:\n{}", unbounded.join("\n"));
+}
+
+/// Every URI field of every kind carries the rules that refuse file://, pvc:// and
+/// . or .. segments.
+#[test]
+fn every_uri_field_refuses_file_and_pvc_and_dot_segments() {
+    let mut uri_fields = 0;
+    let mut missing = Vec::new();
+    for crd in crds() {
+        let json = crd_json(&crd);
+        let spec = &schema_of(&json)["properties"]["spec"];
+        walk(spec, ".spec".into(), &mut |path, node| {
+            if node.get("pattern").and_then(Value::as_str) != Some(URI_PATTERN) {
+                return;
+            }
+            uri_fields += 1;
+            let rules = node["x-kubernetes-validations"].to_string();
+            for needle in ["file://", "pvc://", "[.][.]?", "store://", "65535"] {
+                if !rules.contains(needle) {
+                    missing.push(format!("{}: {path} lacks the {needle} rule", crd.spec.names.kind));
+                }
+            }
+        });
+    }
+    assert!(missing.is_empty(), "{}", missing.join("\n"));
+    assert!(uri_fields >= 8, "expected the URI fields of every kind, found {uri_fields}");
+}
