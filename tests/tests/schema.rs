@@ -113,3 +113,76 @@ async fn invalid_manifests_are_refused_naming_the_field() -> anyhow::Result<()> 
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     Ok(())
 }
+
+/// The apiserver does not range-check `format: int32` by itself: without a maximum, an
+/// object holding 2147483648 is stored, and from then on every typed list and watch of
+/// its kind (the operator's) fails to decode it. Each kind refuses such a number, and
+/// the typed readers of every kind keep working.
+#[tokio::test]
+async fn out_of_range_int32_is_refused_for_every_kind() -> anyhow::Result<()> {
+    use kube::api::{Api, ListParams};
+    let (client, ns) = namespace_with_crds("int32").await?;
+    let cases: [(&str, &[&str]); 5] = [
+        ("examples/dataset.yaml", &["backoffLimit"]),
+        ("examples/finetunejob.yaml", &["hyperparameters", "batchSize"]),
+        ("examples/promptversion.yaml", &["parameters", "maxTokens"]),
+        ("examples/modeldeployment.yaml", &["serving", "maxQueue"]),
+        ("examples/evalrun.yaml", &["concurrency"]),
+    ];
+    let mut failures = Vec::new();
+    for (file, path) in cases {
+        for value in [2_147_483_648_i64, 99_999_999_999, -2_147_483_649] {
+            let mut doc = yaml_documents(&repo_root().join(file))?.remove(0);
+            let mut node = &mut doc["spec"];
+            for key in &path[..path.len() - 1] {
+                node = &mut node[*key];
+            }
+            node[path[path.len() - 1]] = serde_json::json!(value);
+            let field = format!("spec.{}", path.join("."));
+            match apply_manifest(&client, &ns.name, &doc).await? {
+                Ok(_) => failures.push(format!("{file}: {field} = {value} was accepted")),
+                Err(msg) if !msg.contains(&field) => failures.push(format!("{file}: refusal lacks {field}: {msg}")),
+                Err(_) => {}
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // Nothing undecodable was stored: typed lists of every kind still work.
+    let lp = ListParams::default();
+    Api::<llmops_crds::Dataset>::namespaced(client.clone(), &ns.name).list(&lp).await?;
+    Api::<llmops_crds::FineTuneJob>::namespaced(client.clone(), &ns.name).list(&lp).await?;
+    Api::<llmops_crds::PromptVersion>::namespaced(client.clone(), &ns.name).list(&lp).await?;
+    Api::<llmops_crds::ModelDeployment>::namespaced(client.clone(), &ns.name).list(&lp).await?;
+    Api::<llmops_crds::EvalRun>::namespaced(client.clone(), &ns.name).list(&lp).await?;
+    Ok(())
+}
+
+/// CPU and memory are checked as Kubernetes checks quantities.
+#[tokio::test]
+async fn quantities_are_checked_as_kubernetes_checks_them() -> anyhow::Result<()> {
+    let (client, ns) = namespace_with_crds("quantities").await?;
+    let mut failures = Vec::new();
+    let cases = [
+        ("cpu", serde_json::json!("500m"), true),
+        ("cpu", serde_json::json!("0.5"), true),
+        ("cpu", serde_json::json!(2), true),
+        ("memory", serde_json::json!("2Gi"), true),
+        ("memory", serde_json::json!("512M"), true),
+        ("memory", serde_json::json!("32GB"), false),
+        ("cpu", serde_json::json!("-2"), false),
+        ("cpu", serde_json::json!("0"), false),
+        ("memory", serde_json::json!("lots"), false),
+    ];
+    for (i, (field, value, accepted)) in cases.into_iter().enumerate() {
+        let mut doc = yaml_documents(&repo_root().join("examples/dataset.yaml"))?.remove(0);
+        doc["metadata"]["name"] = serde_json::json!(format!("quantity-{i}"));
+        doc["spec"]["resources"][field] = value.clone();
+        match (apply_manifest(&client, &ns.name, &doc).await?, accepted) {
+            (Ok(_), true) => {}
+            (Err(msg), false) if msg.contains(&format!("spec.resources.{field}")) => {}
+            (result, _) => failures.push(format!("{field}: {value}: {result:?}")),
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    Ok(())
+}
