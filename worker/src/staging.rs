@@ -146,6 +146,33 @@ impl Bucket {
         Ok(keys)
     }
 
+    /// The keys of every object under `key/`, relative to it, each with when it was last
+    /// written (Unix seconds), sorted by key.
+    pub async fn list_modified(&self, key: &str) -> Result<Vec<(String, i64)>> {
+        let path = self.path(key);
+        let mut listing = self.store.list(Some(&path));
+        let mut keys = Vec::new();
+        while let Some(meta) = listing.next().await {
+            let meta = meta.with_context(|| format!("listing s3://{}/{path}/", self.name))?;
+            let relative =
+                meta.location.as_ref().strip_prefix(path.as_ref()).unwrap_or_default().trim_start_matches('/');
+            if !relative.is_empty() {
+                keys.push((relative.to_string(), meta.last_modified.timestamp()));
+            }
+        }
+        keys.sort();
+        Ok(keys)
+    }
+
+    /// Deletes the object `key`; one that is gone already is no error.
+    pub async fn delete(&self, key: &str) -> Result<()> {
+        let path = self.path(key);
+        match self.store.delete(&path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("deleting s3://{}/{path}", self.name)),
+        }
+    }
+
     /// The bytes of the object `key`.
     pub async fn get(&self, key: &str) -> Result<Vec<u8>> {
         let path = self.path(key);
