@@ -26,7 +26,9 @@ def client(base, key="none", retries=0):
 def raw(base, path, body=None, headers=None):
     """A plain HTTP call: status and parsed JSON (or text) body."""
     data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-    request = urllib.request.Request(base + path, data=data, headers=headers or {})
+    if headers is None:
+        headers = {} if data is None else {"Content-Type": "application/json"}
+    request = urllib.request.Request(base + path, data=data, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=300) as response:
             status, text = response.status, response.read().decode()
@@ -119,6 +121,18 @@ def scenario_api(base, traffic_dir):
     assert status == 400 and body["error"]["code"] == "invalid_json", (status, body)
     status, body = raw(base, "/v1/chat/completions", {"model": MODEL, "messages": "hi"})
     assert status == 400 and body["error"]["code"] == "invalid_json" and body["error"]["param"] == "messages", body
+    # Bounds: max_tokens must fit in the context beside the prompt; bodies are JSON.
+    expect_error(openai.BadRequestError, "context_length_exceeded", lambda: chat(c, max_tokens=10**6), "max_tokens")
+    status, body = raw(base, "/v1/chat/completions", {"model": MODEL, "messages": QUESTION},
+                       headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert status == 415 and body["error"]["code"] == "unsupported_media_type", (status, body)
+    status, body = raw(base, "/v1/chat/completions", {"model": MODEL, "messages": QUESTION, "max_tokens": 1e300})
+    assert status == 400 and body["error"]["param"] == "max_tokens", (status, body)
+    # A user's text is text: "<|im_end|>" typed in a message is several tokens of text,
+    # not the one control token that would close the turn.
+    def prompt_tokens(content):
+        return chat(c, messages=[{"role": "user", "content": content}], max_tokens=1).usage.prompt_tokens
+    assert prompt_tokens("<|im_end|>") - prompt_tokens("") >= 3
 
     # Feedback: refused for ratings out of range and unknown ids, recorded otherwise.
     status, body = raw(base, "/v1/feedback", {"id": whole.id, "rating": 6})

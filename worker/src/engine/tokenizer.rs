@@ -2,6 +2,7 @@
 //! text exactly as llama.cpp does for the same file.
 
 use std::collections::HashMap;
+use std::ops::Range;
 
 use anyhow::{Context, Result, bail};
 use candle_core::quantized::gguf_file;
@@ -24,6 +25,8 @@ pub struct TextTokenizer {
     special: Tokenizer,
     /// Encodes special-token text as plain text.
     plain: Tokenizer,
+    /// The special tokens' texts by id: control tokens such as `<|im_start|>`.
+    specials: HashMap<u32, String>,
     /// Beginning-of-sequence token, if the model has one.
     pub bos: Option<u32>,
     /// Tokens that end a generation.
@@ -161,7 +164,13 @@ impl TextTokenizer {
         }
         let mut plain = special.clone();
         plain.set_encode_special_tokens(true);
-        Ok(Self { special, plain, bos, eos, add_bos })
+        let specials = special
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, t)| (id, t.content))
+            .collect();
+        Ok(Self { special, plain, specials, bos, eos, add_bos })
     }
 
     /// Token ids of `text`. With `special`, special-token text such as `<|im_start|>` becomes
@@ -170,6 +179,67 @@ impl TextTokenizer {
         let tokenizer = if special { &self.special } else { &self.plain };
         let encoding = tokenizer.encode_fast(text, false).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
         Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Token ids of a rendered chat prompt whose `content` byte ranges hold message text.
+    /// Special-token text such as `<|im_start|>` becomes its control token only outside
+    /// those ranges (the chat template's own markup); inside them it is tokenized as the
+    /// plain text it is. A prompt whose contents hold no special-token text gets exactly
+    /// the ids of `encode(text, true)`. BOS is never added here.
+    pub fn encode_chat(&self, text: &str, content: &[Range<usize>]) -> Result<Vec<u32>> {
+        let encoding = self.special.encode(text, false).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
+        let (ids, offsets) = (encoding.get_ids(), encoding.get_offsets());
+        let in_content = |start: usize, end: usize| content.iter().any(|r| start < r.end && r.start < end);
+        // The markup's control tokens, each with the text it covers (a token that strips
+        // the spaces beside it covers them too).
+        let mut markup = Vec::new();
+        let mut forged = false;
+        for (&id, &(start, end)) in ids.iter().zip(offsets) {
+            let Some(token) = self.specials.get(&id) else { continue };
+            let core = text
+                .get(start..end)
+                .and_then(|covered| covered.find(token.as_str()))
+                .map_or((start, end), |at| (start + at, start + at + token.len()));
+            if in_content(core.0, core.1) {
+                forged = true;
+            } else {
+                markup.push((start, end, id));
+            }
+        }
+        if !forged {
+            return Ok(ids.to_vec());
+        }
+        // Split the text at the markup's control tokens only; the pieces between them,
+        // contents included, are plain text.
+        let mut out = Vec::with_capacity(ids.len());
+        let mut at = 0;
+        let piece = |from: usize, to: usize| {
+            text.get(from..to).with_context(|| format!("tokenizing: no text at bytes {from}..{to}"))
+        };
+        for (start, end, id) in markup {
+            if start < at {
+                bail!("tokenizing: overlapping control tokens at byte {start}");
+            }
+            if start > at {
+                out.extend(self.encode(piece(at, start)?, false)?);
+            }
+            out.push(id);
+            at = end;
+        }
+        if at < text.len() {
+            out.extend(self.encode(piece(at, text.len())?, false)?);
+        }
+        Ok(out)
+    }
+
+    /// The first special token whose text occurs in `text`, if any.
+    pub fn special_text_in(&self, text: &str) -> Option<&str> {
+        self.specials.values().map(String::as_str).filter(|token| text.contains(token)).min()
+    }
+
+    /// Whether `id` is a special (control) token.
+    pub fn is_special(&self, id: u32) -> bool {
+        self.specials.contains_key(&id)
     }
 
     /// Token ids of a prompt as the model expects it: BOS first when the model adds one.

@@ -11,6 +11,13 @@ use serde_json::Value;
 use super::error::ApiError;
 use crate::engine::SamplingParams;
 
+/// Most messages in a chat request.
+pub const MAX_MESSAGES: usize = 2048;
+/// Most stop sequences, as OpenAI allows.
+pub const MAX_STOP_SEQUENCES: usize = 4;
+/// Longest stop sequence, in bytes: each is looked for after every generated token.
+pub const MAX_STOP_BYTES: usize = 256;
+
 /// Text or a list of text parts, as chat message content may be.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
@@ -92,6 +99,8 @@ pub struct Common {
     pub repetition_penalty: Option<f64>,
     /// An end user's id, recorded in the traffic log.
     pub user: Option<String>,
+    /// Not supported when non-empty.
+    pub logit_bias: Option<serde_json::Map<String, Value>>,
 }
 
 /// `POST /v1/chat/completions`.
@@ -103,8 +112,12 @@ pub struct ChatRequest {
     pub max_completion_tokens: Option<i64>,
     /// Not supported when true.
     pub logprobs: Option<bool>,
+    /// Not supported (it needs `logprobs`).
+    pub top_logprobs: Option<i64>,
     /// Not supported when non-empty.
     pub tools: Option<Vec<Value>>,
+    /// Only `{"type": "text"}` is supported.
+    pub response_format: Option<Value>,
     #[serde(flatten)]
     pub common: Common,
 }
@@ -191,6 +204,14 @@ pub fn settings(
     random_seed: u64,
 ) -> Result<Settings, ApiError> {
     let d = defaults.cloned().unwrap_or_default();
+    if common.logit_bias.as_ref().is_some_and(|b| !b.is_empty()) {
+        return Err(ApiError::invalid_parameter("logit_bias", "logit_bias is not supported"));
+    }
+    if let Some(user) = &common.user
+        && user.len() > 256
+    {
+        return Err(ApiError::invalid_parameter("user", format!("user must be at most 256 bytes, got {}", user.len())));
+    }
     if let Some(n) = common.n
         && n != 1
     {
@@ -243,11 +264,20 @@ pub fn settings(
         Some(Stop::One(s)) => vec![s.clone()],
         Some(Stop::Many(v)) => v.clone(),
     };
-    if stop.len() > 4 {
-        return Err(ApiError::invalid_parameter("stop", format!("at most 4 stop sequences, got {}", stop.len())));
+    if stop.len() > MAX_STOP_SEQUENCES {
+        return Err(ApiError::invalid_parameter(
+            "stop",
+            format!("at most {MAX_STOP_SEQUENCES} stop sequences, got {}", stop.len()),
+        ));
     }
     if stop.iter().any(String::is_empty) {
         return Err(ApiError::invalid_parameter("stop", "stop sequences must not be empty"));
+    }
+    if let Some(long) = stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+        return Err(ApiError::invalid_parameter(
+            "stop",
+            format!("a stop sequence may have at most {MAX_STOP_BYTES} bytes, got one of {}", long.len()),
+        ));
     }
     let seed = match common.seed {
         Some(s) => s as u64,
@@ -270,6 +300,12 @@ pub fn settings(
 pub fn chat_messages(messages: &[MessageIn]) -> Result<Vec<ChatMessage>, ApiError> {
     if messages.is_empty() {
         return Err(ApiError::invalid_parameter("messages", "messages must not be empty"));
+    }
+    if messages.len() > MAX_MESSAGES {
+        return Err(ApiError::invalid_parameter(
+            "messages",
+            format!("at most {MAX_MESSAGES} messages, got {}", messages.len()),
+        ));
     }
     let mut out = Vec::with_capacity(messages.len());
     for (i, m) in messages.iter().enumerate() {
@@ -338,6 +374,13 @@ mod tests {
             (serde_json::json!({"model": "m", "n": 2}), "n"),
             (serde_json::json!({"model": "m", "stop": ["a", "b", "c", "d", "e"]}), "stop"),
             (serde_json::json!({"model": "m", "presence_penalty": 0.5}), "presence_penalty"),
+            (serde_json::json!({"model": "m", "stop": ["x".repeat(MAX_STOP_BYTES + 1)]}), "stop"),
+            (serde_json::json!({"model": "m", "stop": ""}), "stop"),
+            (serde_json::json!({"model": "m", "logit_bias": {"42": 100}}), "logit_bias"),
+            (serde_json::json!({"model": "m", "user": "u".repeat(300)}), "user"),
+            (serde_json::json!({"model": "m", "top_k": -1}), "top_k"),
+            (serde_json::json!({"model": "m", "repetition_penalty": 0}), "repetition_penalty"),
+            (serde_json::json!({"model": "m", "max_tokens": -5}), "max_tokens"),
         ] {
             let err = settings(&common(body), None, None, 0).expect_err("refused");
             assert_eq!(err.param.as_deref(), Some(param));
@@ -358,5 +401,13 @@ mod tests {
         let bad: Vec<MessageIn> =
             serde_json::from_value(serde_json::json!([{"role": "tool", "content": "x"}])).expect("parses");
         assert_eq!(chat_messages(&bad).expect_err("refused").param.as_deref(), Some("messages[0].role"));
+        let image: Vec<MessageIn> = serde_json::from_value(
+            serde_json::json!([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
+        )
+        .expect("parses");
+        assert_eq!(chat_messages(&image).expect_err("refused").param.as_deref(), Some("messages[0].content[0]"));
+        let many = vec![MessageIn { role: "user".into(), content: None }; MAX_MESSAGES + 1];
+        assert_eq!(chat_messages(&many).expect_err("refused").param.as_deref(), Some("messages"));
+        assert!(chat_messages(&many[..MAX_MESSAGES]).is_ok());
     }
 }

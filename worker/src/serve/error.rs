@@ -59,15 +59,41 @@ impl ApiError {
     }
 
     /// The prompt does not leave room for a single generated token.
-    pub fn context_length_exceeded(prompt: usize, context: usize) -> Self {
+    pub fn context_length_exceeded(param: &str, prompt: usize, context: usize) -> Self {
         Self {
-            param: Some("messages".into()),
+            param: Some(param.into()),
             ..Self::new(
                 StatusCode::BAD_REQUEST,
                 "context_length_exceeded",
                 format!("the prompt has {prompt} tokens but the model's context holds {context}; shorten the prompt"),
             )
         }
+    }
+
+    /// The prompt and the tokens asked for do not fit in the context together.
+    pub fn max_tokens_beyond_context(prompt: usize, asked: i64, context: usize) -> Self {
+        Self {
+            param: Some("max_tokens".into()),
+            ..Self::new(
+                StatusCode::BAD_REQUEST,
+                "context_length_exceeded",
+                format!(
+                    "the prompt has {prompt} tokens and max_tokens asks for {asked} more, but the model's context holds \
+                     {context}; ask for at most {} tokens or shorten the prompt",
+                    context.saturating_sub(prompt)
+                ),
+            )
+        }
+    }
+
+    /// The body is declared as something other than JSON.
+    pub fn unsupported_media_type(content_type: &str) -> Self {
+        let shown: String = content_type.chars().take(100).collect();
+        Self::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!("the request body is declared as {shown:?}; send JSON with 'Content-Type: application/json'"),
+        )
     }
 
     /// The body is larger than the server accepts.

@@ -11,6 +11,7 @@ pub mod batcher;
 pub mod error;
 pub mod live;
 pub mod metrics;
+pub mod prompt;
 pub mod traffic;
 
 use std::collections::BTreeMap;
@@ -41,8 +42,10 @@ use self::batcher::{Batcher, Event, Job, SubmitError};
 use self::error::ApiError;
 use self::live::{LiveFigures, Reporter};
 use self::metrics::Metrics;
+use self::prompt::PromptError;
 use self::traffic::{CompletionRecord, FeedbackRecord, SegmentPolicy, TrafficLog};
 use crate::engine::{self, Adapter, GenerateRequest, Generation, LoadedModel, WeightFormat};
+use crate::prepare::transform::Redact;
 use crate::store::local_path;
 
 /// What a loaded server serves.
@@ -172,6 +175,18 @@ fn api_keys_at(path: &Path) -> Result<Vec<String>> {
 /// local scratch (`LLMOPS_SCRATCH`, else the temporary directory) and uploaded when the
 /// store is an S3 bucket.
 fn open_traffic(traffic: &Traffic, assignment: &Assignment, pod: &str) -> Result<TrafficLog> {
+    let redact = match &traffic.redact {
+        Some(r) => {
+            let custom: Vec<(String, String)> = r.custom.iter().map(|c| (c.name.clone(), c.pattern.clone())).collect();
+            Some(Redact::new(&r.kinds, &custom).context("traffic.redact")?)
+        }
+        None => None,
+    };
+    let log = open_traffic_log(traffic, assignment, pod)?;
+    Ok(log.with_retention(traffic.retention_days).with_redaction(redact))
+}
+
+fn open_traffic_log(traffic: &Traffic, assignment: &Assignment, pod: &str) -> Result<TrafficLog> {
     if let (Some(key), Some(Backend::S3(s3))) =
         (traffic.uri.strip_prefix("store://"), assignment.store.as_ref().and_then(|s| s.backend.as_ref()))
     {
@@ -248,6 +263,9 @@ async fn serve(assignment: Assignment, config: ServeAssignment, options: Options
         && let Some(policy) = log.segment_policy()
     {
         background.push(tokio::spawn(upload_segments(log, policy)));
+    }
+    if let Some(log) = state.traffic.clone() {
+        background.push(tokio::spawn(keep_traffic(log)));
     }
 
     let (fail_tx, mut fail_rx) = mpsc::channel::<anyhow::Error>(1);
@@ -350,6 +368,35 @@ async fn upload_segments(log: Arc<TrafficLog>, policy: SegmentPolicy) {
     }
 }
 
+/// How often expired traffic records are deleted.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+/// Reads the traffic logs into the feedback index once, then deletes expired records
+/// at start and every hour (when the log has a retention).
+async fn keep_traffic(log: Arc<TrafficLog>) {
+    if let Err(e) = log.refresh_index().await {
+        tracing::warn!(error = %format!("{e:#}"), "reading the traffic log for the feedback index failed");
+    }
+    if log.retention().is_none() {
+        return;
+    }
+    let mut ticks = tokio::time::interval(PRUNE_EVERY);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        match log.prune(jiff::Timestamp::now()).await {
+            Ok(p) if p == traffic::Pruned::default() => {}
+            Ok(p) => tracing::info!(
+                records = p.records,
+                files = p.files,
+                segments = p.segments,
+                "deleted traffic records older than the retention"
+            ),
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "deleting expired traffic records failed"),
+        }
+    }
+}
+
 /// Resolves on SIGTERM or Ctrl-C.
 pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
@@ -399,6 +446,7 @@ fn router(state: AppState) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
         .route("/v1/feedback", post(feedback))
+        .route_layer(middleware::from_fn_with_state(state.clone(), json_bodies))
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
     Router::new()
         .merge(api)
@@ -419,12 +467,7 @@ async fn authorize(State(state): State<AppState>, request: Request, next: Next) 
     if state.api_keys.is_empty() {
         return next.run(request).await;
     }
-    let given = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+    let given = request.headers().get(header::AUTHORIZATION).and_then(|v| bearer_token(v.as_bytes()));
     match given {
         Some(key) if state.api_keys.iter().any(|k| same_key(k, key)) => next.run(request).await,
         _ => {
@@ -433,6 +476,36 @@ async fn authorize(State(state): State<AppState>, request: Request, next: Next) 
             err.into_response()
         }
     }
+}
+
+/// The key of an `Authorization: Bearer KEY` header (the scheme in any case, RFC 9110);
+/// None for any other or malformed value.
+fn bearer_token(value: &[u8]) -> Option<&str> {
+    let value = std::str::from_utf8(value).ok()?.trim();
+    let (scheme, key) = value.split_once(' ')?;
+    let key = key.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !key.is_empty()).then_some(key)
+}
+
+/// Whether a `Content-Type` names JSON: `application/json` or a `+json` type, with any
+/// parameters. A request without the header is read as JSON too.
+fn is_json_content_type(value: &[u8]) -> bool {
+    let Ok(value) = std::str::from_utf8(value) else { return false };
+    let essence = value.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+/// Refuses a POST whose body is declared as something other than JSON.
+async fn json_bodies(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    if request.method() == axum::http::Method::POST
+        && let Some(kind) = request.headers().get(header::CONTENT_TYPE)
+        && !is_json_content_type(kind.as_bytes())
+    {
+        let err = ApiError::unsupported_media_type(&String::from_utf8_lossy(kind.as_bytes()));
+        count_error(&state, request.uri().path(), &err);
+        return err.into_response();
+    }
+    next.run(request).await
 }
 
 fn count_error(state: &Shared, endpoint: &str, err: &ApiError) {
@@ -478,13 +551,34 @@ fn parse<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>, li
     serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        let message = format!("the request body is not a valid request: {inner}");
-        let mut err = ApiError::invalid_json(message);
-        if path != "." && !inner.is_syntax() && !inner.is_eof() {
+        if inner.is_syntax() || inner.is_eof() {
+            return ApiError::invalid_json(format!("the request body is not valid JSON: {inner}"));
+        }
+        if path == "."
+            && let Some(err) = shared_field_error(&body)
+        {
+            return err;
+        }
+        let mut err = ApiError::invalid_json(format!("the request body is not a valid request: {inner}"));
+        if path != "." {
             err.param = Some(path);
         }
         err
     })
+}
+
+/// The fields both completion endpoints share are flattened into each request, which
+/// hides the path of an error in them; reading them alone names the field.
+fn shared_field_error(body: &[u8]) -> Option<ApiError> {
+    let value: Value = serde_json::from_slice(body).ok()?;
+    if !value.is_object() || value.get("model").is_none() {
+        return None;
+    }
+    let e = serde_path_to_error::deserialize::<_, Common>(value).err()?;
+    let path = e.path().to_string();
+    let mut err = ApiError::invalid_json(format!("the request body is not a valid request: {}", e.into_inner()));
+    err.param = Some(path).filter(|p| p != ".");
+    Some(err)
 }
 
 /// A fresh response id.
@@ -531,6 +625,7 @@ fn generate_request(
     max_tokens: Option<i64>,
     prompt: Vec<u32>,
     default_max: Option<usize>,
+    prompt_param: &str,
 ) -> Result<GenerateRequest, ApiError> {
     let defaults: Option<&GenerationParameters> = state.config.prompt.as_ref().and_then(|p| p.parameters.as_ref());
     let n = state.counter.load(Ordering::Relaxed);
@@ -538,12 +633,19 @@ fn generate_request(
     let random_seed = (u64::from(nanos) << 20) ^ n;
     let settings = api::settings(common, max_tokens, defaults, random_seed)?;
     if prompt.is_empty() {
-        return Err(ApiError::invalid_parameter("prompt", "the prompt is empty"));
+        return Err(ApiError::invalid_parameter(prompt_param, "the prompt is empty"));
     }
     if prompt.len() >= loaded.context_length {
-        return Err(ApiError::context_length_exceeded(prompt.len(), loaded.context_length));
+        return Err(ApiError::context_length_exceeded(prompt_param, prompt.len(), loaded.context_length));
     }
     let room = loaded.context_length - prompt.len();
+    // A limit the request asks for must fit; the deployment's default and the endpoint's
+    // own are shortened to what the context leaves.
+    if let Some(asked) = max_tokens.or(common.max_tokens)
+        && usize::try_from(asked).map_or(true, |asked| asked > room)
+    {
+        return Err(ApiError::max_tokens_beyond_context(prompt.len(), asked, loaded.context_length));
+    }
     let max_tokens = settings.max_tokens.or(default_max).unwrap_or(room).min(room);
     Ok(GenerateRequest { prompt, max_tokens, sampling: settings.sampling, stop: settings.stop })
 }
@@ -552,20 +654,41 @@ fn prepare_chat(state: &Shared, loaded: &Loaded, req: ChatRequest) -> Result<Pre
     if req.logprobs == Some(true) {
         return Err(ApiError::invalid_parameter("logprobs", "logprobs are not supported"));
     }
+    if req.top_logprobs.is_some_and(|n| n != 0) {
+        return Err(ApiError::invalid_parameter("top_logprobs", "logprobs are not supported"));
+    }
     if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
         return Err(ApiError::invalid_parameter("tools", "tool calling is not supported"));
+    }
+    if let Some(format) = &req.response_format
+        && format.get("type").and_then(Value::as_str) != Some("text")
+    {
+        return Err(ApiError::invalid_parameter(
+            "response_format",
+            "only response_format {\"type\": \"text\"} is supported; structured output is not",
+        ));
     }
     let adapter = resolve_model(state, loaded, &req.common.model)?;
     let asked = api::chat_messages(&req.messages)?;
     let has_system = asked.iter().any(|m| m.role == "system");
     let mut messages: Vec<ChatMessage> =
         state.prompt_messages.iter().filter(|m| !(has_system && m.role == "system")).cloned().collect();
+    let kept_prompt = messages.len();
     messages.extend(asked);
-    let text = engine::chat::render_for(&loaded.model, &messages, true)
-        .map_err(|e| ApiError::invalid_parameter("messages", format!("{e:#}")))?;
-    let prompt = loaded.model.tokenizer.encode(&text, true).map_err(|e| ApiError::internal(format!("{e:#}")))?;
+    // Message contents are text: control-token text in them never becomes a control token.
+    let prompt = prompt::encode_chat(&loaded.model, &messages).map_err(|e| match e {
+        PromptError::Template(e) => ApiError::invalid_parameter("messages", format!("{e:#}")),
+        PromptError::ControlText { index, .. } => {
+            let message = e.to_string();
+            match index.checked_sub(kept_prompt) {
+                Some(i) => ApiError::invalid_parameter(&format!("messages[{i}].content"), message),
+                None => ApiError::internal(format!("the deployment's prompt: {message}")),
+            }
+        }
+        PromptError::Tokenizer(e) => ApiError::internal(format!("{e:#}")),
+    })?;
     let max_tokens = req.max_completion_tokens.or(req.common.max_tokens);
-    let request = generate_request(state, loaded, &req.common, max_tokens, prompt, None)?;
+    let request = generate_request(state, loaded, &req.common, max_tokens, prompt.ids, None, "messages")?;
     Ok(Prepared {
         id: response_id(state, "chatcmpl"),
         model: req.common.model.clone(),
@@ -607,18 +730,20 @@ fn prepare_completion(state: &Shared, loaded: &Loaded, req: CompletionRequest) -
             let ids = tokenizer.encode_prompt(&t).map_err(|e| ApiError::internal(format!("{e:#}")))?;
             (t, ids)
         }
-        PromptIn::Tokens(ids) => (tokenizer.decode(&ids, false).unwrap_or_default(), ids),
+        PromptIn::Tokens(ids) => {
+            let vocab = loaded.model.model.config().vocab_size as u32;
+            if let Some(bad) = ids.iter().find(|&&t| t >= vocab) {
+                return Err(ApiError::invalid_parameter(
+                    "prompt",
+                    format!("token id {bad} is outside the vocabulary of {vocab}"),
+                ));
+            }
+            (tokenizer.decode(&ids, false).unwrap_or_default(), ids)
+        }
         PromptIn::Texts(_) | PromptIn::TokenLists(_) => return Err(batch_error()),
     };
-    let vocab = loaded.model.model.config().vocab_size as u32;
-    if let Some(bad) = prompt.iter().find(|&&t| t >= vocab) {
-        return Err(ApiError::invalid_parameter(
-            "prompt",
-            format!("token id {bad} is outside the vocabulary of {vocab}"),
-        ));
-    }
     // OpenAI's completions endpoint generates 16 tokens unless told otherwise.
-    let request = generate_request(state, loaded, &req.common, None, prompt, Some(16))?;
+    let request = generate_request(state, loaded, &req.common, None, prompt, Some(16), "prompt")?;
     Ok(Prepared {
         id: response_id(state, "cmpl"),
         model: req.common.model.clone(),
@@ -861,20 +986,11 @@ async fn feedback(State(state): State<AppState>, body: Result<Bytes, BytesReject
                 "this server keeps no traffic log, so it cannot record feedback (start it with --traffic DIR)",
             ));
         };
-        let id = req.id.clone();
-        let state2 = state.clone();
-        let mut known = tokio::task::spawn_blocking(move || state2.traffic.as_ref().map(|l| l.knows(&id)))
-            .await
-            .map_err(|e| ApiError::internal(e.to_string()))?
-            .unwrap_or(Ok(false))
-            .map_err(|e| ApiError::internal(format!("reading the traffic log: {e:#}")))?;
-        if !known {
-            // Another pod's completion, in a segment it sealed into the store.
-            known = log
-                .knows_in_store(&req.id)
-                .await
-                .map_err(|e| ApiError::internal(format!("reading the traffic log in the store: {e:#}")))?;
+        if req.id.len() > 256 {
+            return Err(ApiError::unknown_completion(&req.id.chars().take(64).collect::<String>()));
         }
+        let known =
+            log.knows(&req.id).await.map_err(|e| ApiError::internal(format!("reading the traffic log: {e:#}")))?;
         if !known {
             return Err(ApiError::unknown_completion(&req.id));
         }
@@ -930,6 +1046,62 @@ mod tests {
         std::fs::remove_file(bare.join("ignored")).expect("removes");
         assert!(api_keys_at(&bare).is_err(), "a directory without keys is refused");
         std::fs::remove_dir_all(&dir).expect("cleans up");
+    }
+
+    fn parsed<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+        parse(Ok(Bytes::copy_from_slice(body)), 1 << 20)
+    }
+
+    #[test]
+    fn a_bad_body_is_a_400_naming_the_field_even_in_shared_fields() {
+        let err =
+            parsed::<ChatRequest>(br#"{"model": "m", "messages": [], "max_tokens": 1e300}"#).expect_err("refused");
+        assert_eq!((err.code, err.param.as_deref()), ("invalid_json", Some("max_tokens")));
+        let err = parsed::<CompletionRequest>(br#"{"model": "m", "prompt": "x", "stop": 3}"#).expect_err("refused");
+        assert_eq!(err.param.as_deref(), Some("stop"));
+        let err = parsed::<ChatRequest>(br#"{"model": "m", "messages": [{"role": 1}]}"#).expect_err("refused");
+        assert_eq!(err.param.as_deref(), Some("messages[0].role"));
+        let err = parsed::<ChatRequest>(br#"{"model": "m", "messages": ["#).expect_err("refused");
+        assert_eq!((err.code, err.param), ("invalid_json", None));
+        // Nothing a body holds makes the parser panic.
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        let bodies: Vec<&[u8]> = vec![
+            b"",
+            b"null",
+            b"\xff\xfe{",
+            b"{\"model\": \"\\ud800\"}",
+            br#"{"model": "m", "messages": [{"role": "user", "content": [{"type": "text"}]}]}"#,
+            br#"{"model": "m", "prompt": [[1, 2], [3]], "seed": -9223372036854775808}"#,
+            br#"{"model": "m", "prompt": [4294967296]}"#,
+            deep.as_bytes(),
+        ];
+        for body in bodies {
+            let _ = parsed::<ChatRequest>(body);
+            let _ = parsed::<CompletionRequest>(body);
+            let _ = parsed::<FeedbackRequest>(body);
+        }
+    }
+
+    #[test]
+    fn authorization_and_content_type_headers_are_read_strictly() {
+        assert_eq!(bearer_token(b"Bearer sk-1"), Some("sk-1"));
+        assert_eq!(bearer_token(b"bearer   sk-1 "), Some("sk-1"));
+        for bad in [&b""[..], b"Bearer", b"Bearer ", b"Basic c2stMQ==", b"sk-1", b"Bearer\xff\xfe", b"\xffBearer x"] {
+            assert_eq!(bearer_token(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
+        for json in [
+            &b"application/json"[..],
+            b"application/json; charset=utf-8",
+            b"Application/JSON",
+            b"application/merge-patch+json",
+        ] {
+            assert!(is_json_content_type(json), "{:?}", String::from_utf8_lossy(json));
+        }
+        for other in
+            [&b"application/x-www-form-urlencoded"[..], b"text/plain", b"multipart/form-data; boundary=x", b"", b"\xff"]
+        {
+            assert!(!is_json_content_type(other), "{:?}", String::from_utf8_lossy(other));
+        }
     }
 
     #[test]
