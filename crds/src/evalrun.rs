@@ -219,7 +219,7 @@ pub struct Baseline {
     /// Largest allowed regression of each shared metric, in the metric's own units
     /// (lower is better for perplexity, higher for the others).
     #[serde(default)]
-    #[schemars(range(min = 0.0))]
+    #[schemars(range(min = 0.0, max = 1000000.0))]
     pub max_regression: f64,
 }
 

@@ -259,7 +259,7 @@ pub struct Hyperparameters {
     pub weight_decay: f64,
     /// Clip the global gradient norm to this value; 0 disables clipping.
     #[serde(default = "default_max_grad_norm")]
-    #[schemars(range(min = 0.0))]
+    #[schemars(range(min = 0.0, max = 1000000.0))]
     pub max_grad_norm: f64,
     /// Tokens per sequence; longer records are truncated.
     #[serde(default = "default_max_seq_length")]
@@ -362,7 +362,7 @@ pub struct EarlyStopping {
     pub patience: i32,
     /// Smallest decrease of the validation loss that counts as an improvement.
     #[serde(default)]
-    #[schemars(range(min = 0.0))]
+    #[schemars(range(min = 0.0, max = 1000000.0))]
     pub min_delta: f64,
 }
 

@@ -336,6 +336,26 @@ fn every_integer_has_a_maximum() {
     assert!(spec_integers >= 30, "expected the integers of every kind's spec, found {spec_integers}");
 }
 
+/// Every number a user writes in a spec has both bounds, except a threshold's, which
+/// CEL keeps within its metric's range (perplexity has no upper end).
+#[test]
+fn every_spec_number_is_bounded() {
+    let mut unbounded = Vec::new();
+    for crd in crds() {
+        let json = crd_json(&crd);
+        let spec = &schema_of(&json)["properties"]["spec"];
+        walk(spec, ".spec".into(), &mut |path, node| {
+            if node.get("type").and_then(Value::as_str) != Some("number") || path.contains(".thresholds[]") {
+                return;
+            }
+            if node.get("minimum").is_none() || node.get("maximum").is_none() {
+                unbounded.push(format!("{}: {path}", crd.spec.names.kind));
+            }
+        });
+    }
+    assert!(unbounded.is_empty(), "numbers without both bounds:\n{}", unbounded.join("\n"));
+}
+
 /// Every string a user writes in a spec is bounded (maxLength, an enum or a format), and
 /// so is every list and map.
 #[test]
