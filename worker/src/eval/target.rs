@@ -54,14 +54,13 @@ pub struct Local {
 }
 
 impl Local {
-    /// Prompt tokens of an input: chat inputs through the model's chat template.
+    /// Prompt tokens of an input: chat inputs through the model's chat template, their
+    /// message contents kept as text exactly as the server keeps them, so a local run
+    /// sees the prompts a deployment of the same model would.
     pub fn prompt_tokens(&self, input: &Input) -> Result<Vec<u32>> {
-        let tokenizer = &self.model.tokenizer;
         match input {
-            Input::Chat(messages) => {
-                tokenizer.encode(&crate::engine::chat::render_for(&self.model, messages, true)?, true)
-            }
-            Input::Text(text) => tokenizer.encode_prompt(text),
+            Input::Chat(messages) => Ok(crate::serve::prompt::encode_chat(&self.model, messages)?.ids),
+            Input::Text(text) => self.model.tokenizer.encode_prompt(text),
         }
     }
 
