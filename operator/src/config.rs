@@ -52,9 +52,19 @@ pub struct RunArgs {
     /// AWS_SECRET_ACCESS_KEY, passed to worker pods as environment variables.
     #[arg(long, value_name = "SECRET")]
     pub s3_credentials_secret: Option<String>,
-    /// Address the worker gateway (gRPC, plaintext h2c) listens on.
+    /// Address the worker gateway (gRPC) listens on.
     #[arg(long, default_value = "0.0.0.0:9090")]
     pub gateway_listen: SocketAddr,
+    /// TLS of the worker gateway: `generate` (a CA and a certificate for the host of
+    /// --gateway-address, made once and kept in the Secret llmops-gateway-tls of the
+    /// operator's namespace), `secret` (the kubernetes.io/tls Secret
+    /// --gateway-tls-secret there), or `off` (plaintext h2c, for development).
+    #[arg(long, default_value = "generate", value_parser = ["generate", "secret", "off"])]
+    pub gateway_tls: String,
+    /// Secret (in the operator's namespace) with tls.crt, tls.key and optionally ca.crt,
+    /// for --gateway-tls secret.
+    #[arg(long, value_name = "SECRET", required_if_eq("gateway_tls", "secret"))]
+    pub gateway_tls_secret: Option<String>,
     /// host:port worker pods dial to reach the gateway (LLMOPS_GATEWAY).
     #[arg(long, env = "LLMOPS_GATEWAY_ADDRESS", default_value = "llmops-operator-gateway.llmops-system.svc:9090")]
     pub gateway_address: String,
@@ -206,6 +216,23 @@ pub struct Config {
     pub resolver_node_selector: std::collections::BTreeMap<String, String>,
     /// Taint keys resolver pods tolerate.
     pub resolver_tolerations: Vec<String>,
+    /// TLS of the worker gateway.
+    pub gateway_tls: GatewayTls,
+    /// PEM of the CA worker pods trust for the gateway (LLMOPS_GATEWAY_CA); set by
+    /// [`crate::run`] from [`Config::gateway_tls`].
+    pub gateway_ca: Option<String>,
+}
+
+/// Where the worker gateway's certificate comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum GatewayTls {
+    /// Plaintext h2c.
+    #[default]
+    Off,
+    /// Generated once by the operator (crate::gateway::tls).
+    Generate,
+    /// A kubernetes.io/tls Secret of this name in the operator's namespace.
+    Secret(String),
 }
 
 impl Config {
@@ -229,6 +256,8 @@ impl Config {
             ca_bundle_configmap: None,
             resolver_node_selector: Default::default(),
             resolver_tolerations: Vec::new(),
+            gateway_tls: GatewayTls::Off,
+            gateway_ca: None,
         }
     }
 }
@@ -284,6 +313,12 @@ impl From<&RunArgs> for Config {
             ca_bundle_configmap: args.ca_bundle_configmap.clone().filter(|c| !c.is_empty()),
             resolver_node_selector: args.resolver_node_selector.iter().cloned().collect(),
             resolver_tolerations: args.resolver_toleration.iter().filter(|t| !t.is_empty()).cloned().collect(),
+            gateway_tls: match (args.gateway_tls.as_str(), &args.gateway_tls_secret) {
+                ("off", _) => GatewayTls::Off,
+                ("secret", Some(name)) => GatewayTls::Secret(name.clone()),
+                _ => GatewayTls::Generate,
+            },
+            gateway_ca: None,
         }
     }
 }

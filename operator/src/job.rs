@@ -246,6 +246,10 @@ pub fn pod_template(
             ..Default::default()
         },
     ];
+    if let Some(ca) = &config.gateway_ca {
+        // A public certificate: the worker verifies the gateway against it (TLS).
+        env_vars.push(env(crate::gateway::tls::CA_ENV, ca.clone()));
+    }
     if gpus == 0 {
         // The NVIDIA runtime would otherwise expose every GPU of the node to a pod
         // that asked for none.

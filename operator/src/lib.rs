@@ -24,7 +24,9 @@ pub mod workload;
 
 use std::sync::Arc;
 
-pub use config::{Config, RunArgs, StoreConfig, StoreVolume};
+use anyhow::Context as _;
+
+pub use config::{Config, GatewayTls, RunArgs, StoreConfig, StoreVolume};
 pub use error::Error;
 pub(crate) use gateway::lock;
 
@@ -70,14 +72,28 @@ async fn work(
     metrics: Arc<metrics::Metrics>,
     lost: impl std::future::Future<Output = String>,
 ) -> anyhow::Result<()> {
+    // Worker pods are told the CA of the gateway's certificate, so they verify it.
+    let tls = gateway::tls::load(&client, &config).await.context("the worker gateway's TLS certificate")?;
+    let mut config = config;
+    config.gateway_ca = tls.as_ref().map(|m| m.ca_pem.clone());
     let gateway = gateway::Gateway::new(metrics.clone(), config.progress_interval);
     let listener = tokio::net::TcpListener::bind(config.gateway_listen).await?;
-    tracing::info!(addr = %config.gateway_listen, advertised = %config.gateway_address, "worker gateway listening");
+    tracing::info!(
+        addr = %config.gateway_listen,
+        advertised = %config.gateway_address,
+        tls = tls.is_some(),
+        "worker gateway listening"
+    );
     // However this ends (an error, or its caller dropping it), open worker sessions end
     // with it, so workers reconnect to the next operator instead of waiting on this one.
     let _sessions = EndSessionsOnDrop(gateway.clone());
     let ctx = Arc::new(context::Context::new(client, config.clone(), metrics.clone(), gateway.clone()));
-    let gateway_task = gateway::service::serve_with_listener(listener, gateway, std::future::pending());
+    let gateway_task = gateway::service::serve_with_listener(
+        listener,
+        gateway,
+        tls.as_ref().map(gateway::tls::server_config),
+        std::future::pending(),
+    );
     let result = tokio::select! {
         r = gateway_task => r.map_err(|e| anyhow::anyhow!("worker gateway: {e}")),
         () = controllers::run(ctx) => Err(anyhow::anyhow!("the controllers stopped")),

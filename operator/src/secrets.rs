@@ -23,7 +23,8 @@ pub const ALLOWED_URLS: &str = "llmops.dev/allowed-urls";
 /// slashes and the case of scheme and host.
 pub fn allows(allowed: &str, url: &str) -> bool {
     let wanted = normalize(url);
-    !wanted.is_empty() && allowed.split([',', ' ', '\n', '\t']).filter(|u| !u.is_empty()).any(|u| normalize(u) == wanted)
+    !wanted.is_empty()
+        && allowed.split([',', ' ', '\n', '\t']).filter(|u| !u.is_empty()).any(|u| normalize(u) == wanted)
 }
 
 fn normalize(url: &str) -> String {

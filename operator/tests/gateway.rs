@@ -29,7 +29,7 @@ async fn start() -> anyhow::Result<(Arc<Gateway>, WorkerGatewayClient<Channel>)>
     gateway.register(&key("b"), "token-b", assignment(&key("b")));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    tokio::spawn(serve_with_listener(listener, gateway.clone(), std::future::pending()));
+    tokio::spawn(serve_with_listener(listener, gateway.clone(), None, std::future::pending()));
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect().await?;
     Ok((gateway, WorkerGatewayClient::new(channel)))
 }

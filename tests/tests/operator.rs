@@ -726,8 +726,33 @@ async fn a_real_agent_prepares_the_dataset_and_its_digest_reaches_the_status() -
     let (client, ns) = namespace_with_crds("op-agent").await?;
     let metrics: std::net::SocketAddr =
         format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()).parse()?;
-    let op = Operator::start_configured(&client, &ns.name, |c| c.metrics_listen = Some(metrics)).await?;
+    // The gateway speaks TLS with a certificate the operator generates; the pod is told
+    // the CA and the agent verifies the gateway with it.
+    let op = Operator::start_configured(&client, &ns.name, |c| {
+        c.metrics_listen = Some(metrics);
+        c.gateway_tls = llmops_operator::GatewayTls::Generate;
+    })
+    .await?;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    let tls = secrets.get("llmops-gateway-tls").await.context("the generated certificate is kept")?;
+    let ca = String::from_utf8(tls.data.clone().unwrap_or_default().get("ca.crt").context("ca.crt")?.0.clone())?;
+    // A plaintext client gets nowhere.
+    let plain = tonic::transport::Endpoint::from_shared(format!("http://{}", op.config.gateway_address))?
+        .connect()
+        .await
+        .map(llmops_proto::v1::worker_gateway_client::WorkerGatewayClient::new);
+    if let Ok(mut c) = plain {
+        let fetch = FetchRequest { workload: None, pod: "p".into(), worker_version: "t".into() };
+        assert!(c.fetch(fetch).await.is_err(), "plaintext h2c is not served");
+    }
     let (ds, agent) = prepare_with_agent(&client, &ns.name, &TestStore::Local(store_of(&op.config)?)).await?;
+    let pod = pod_of(&client, &ns.name, &ds.uid().context("uid")?).await?;
+    let env = pod.spec.context("spec")?.containers[0].env.clone().unwrap_or_default();
+    assert_eq!(
+        env.iter().find(|e| e.name == "LLMOPS_GATEWAY_CA").and_then(|e| e.value.clone()),
+        Some(ca.clone()),
+        "the pod trusts the CA of the gateway's certificate"
+    );
     let status = ds.status.clone().context("status")?;
     assert!(
         condition(&status.common.conditions, "Succeeded").is_some_and(|c| c.status == "True"),
@@ -753,6 +778,37 @@ async fn a_real_agent_prepares_the_dataset_and_its_digest_reaches_the_status() -
         .and_then(|v| v.parse::<f64>().ok())
         .unwrap_or(0.0);
     assert!(progress >= 1.0, "no progress event was recorded:\n{text}");
+    // The workload finished and its pod is gone: its token expired with it. (A client
+    // that trusts the CA and dials the name the certificate carries gets that far.)
+    let token = read_token(&client, &ns.name, "acme-facts-prepare-token").await?;
+    let port = op.config.gateway_address.rsplit(':').next().context("port")?.to_string();
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(&ca))
+        .domain_name("localhost");
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{port}"))?
+        .tls_config(tls)?
+        .connect()
+        .await?;
+    let verified = llmops_proto::v1::worker_gateway_client::WorkerGatewayClient::new(channel);
+    let w = llmops_proto::v1::Workload {
+        namespace: ns.name.clone(),
+        kind: "Dataset".into(),
+        name: "acme-facts".into(),
+        uid: ds.uid().context("uid")?,
+    };
+    let refused = eventually("the finished workload's token to expire", WAIT, || {
+        let mut verified = verified.clone();
+        let request = FetchRequest { workload: Some(w.clone()), pod: "p".into(), worker_version: "t".into() };
+        let token = token.clone();
+        async move {
+            Ok(match verified.fetch(bearer(request, &token)?).await {
+                Err(status) => Some(status),
+                Ok(_) => None,
+            })
+        }
+    })
+    .await?;
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
     op.stop().await;
     Ok(())
 }

@@ -43,8 +43,11 @@ const MAX_PENDING_PROGRESS: usize = 32;
 /// Who the agent works for, from the pod's environment.
 #[derive(Debug, Clone)]
 pub struct AgentEnv {
-    /// The gateway's URL (http://host:port).
+    /// The gateway's URL (https://host:port with a CA, else http://host:port).
     pub gateway: String,
+    /// PEM of the CA the gateway's certificate must chain to (`LLMOPS_GATEWAY_CA`); with
+    /// it the agent speaks TLS and verifies the gateway's name, without it plaintext.
+    pub gateway_ca: Option<String>,
     /// The workload.
     pub workload: Workload,
     /// The bearer token.
@@ -62,7 +65,8 @@ impl AgentEnv {
     /// `LLMOPS_TOKEN_FILE` and `LLMOPS_POD` (or `HOSTNAME`).
     pub fn from_env() -> Result<Self> {
         let gateway = env("LLMOPS_GATEWAY")?;
-        let gateway = if gateway.contains("://") { gateway } else { format!("http://{gateway}") };
+        let gateway_ca = env("LLMOPS_GATEWAY_CA").ok();
+        let gateway = gateway_url(&gateway, gateway_ca.is_some());
         let workload = parse_workload(&env("LLMOPS_WORKLOAD")?)?;
         let token_file = PathBuf::from(env("LLMOPS_TOKEN_FILE")?);
         let token = std::fs::read_to_string(&token_file)
@@ -73,7 +77,7 @@ impl AgentEnv {
             bail!("{} is empty", token_file.display());
         }
         let pod = env("LLMOPS_POD").or_else(|_| env("HOSTNAME")).unwrap_or_else(|_| "local".into());
-        Ok(Self { gateway, workload, token, pod })
+        Ok(Self { gateway, gateway_ca, workload, token, pod })
     }
 }
 
@@ -125,19 +129,41 @@ impl Backoff {
     }
 }
 
-fn channel(url: &str) -> Result<Channel> {
-    Ok(Endpoint::from_shared(url.to_string())
+/// The URL of the gateway at `address` (`host:port` or a URL): https when it is to be
+/// verified against a CA (a plain http URL is upgraded, never sent in the clear), else
+/// http.
+fn gateway_url(address: &str, tls: bool) -> String {
+    let rest = address.split_once("://").map_or(address, |(_, rest)| rest);
+    if tls {
+        format!("https://{rest}")
+    } else if address.contains("://") {
+        address.to_string()
+    } else {
+        format!("http://{rest}")
+    }
+}
+
+fn channel(env: &AgentEnv) -> Result<Channel> {
+    let url = &env.gateway;
+    let mut endpoint = Endpoint::from_shared(url.to_string())
         .with_context(|| format!("LLMOPS_GATEWAY {url:?} is not a URL"))?
         .connect_timeout(Duration::from_secs(5))
         .http2_keep_alive_interval(Duration::from_secs(20))
-        .keep_alive_while_idle(true)
-        .connect_lazy())
+        .keep_alive_while_idle(true);
+    if let Some(ca) = &env.gateway_ca {
+        let host = endpoint.uri().host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_string();
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+            .domain_name(host);
+        endpoint = endpoint.tls_config(tls).context("LLMOPS_GATEWAY_CA: the gateway's TLS settings")?;
+    }
+    Ok(endpoint.connect_lazy())
 }
 
 /// Fetches the Assignment, retrying while the gateway is unreachable or not ready; a
 /// refused token ends it at once.
 async fn fetch(env: &AgentEnv) -> Result<Assignment> {
-    let mut client = WorkerGatewayClient::new(channel(&env.gateway)?);
+    let mut client = WorkerGatewayClient::new(channel(env)?);
     let started = Instant::now();
     let mut backoff = Backoff::new();
     loop {
@@ -396,7 +422,7 @@ impl Session {
     /// Keeps the session up until the final event is acknowledged, `events` ends
     /// without one, or delivery takes longer than its patience.
     async fn run(mut self, mut events: mpsc::UnboundedReceiver<(Event, bool)>) -> bool {
-        let mut client = match channel(&self.env.gateway) {
+        let mut client = match channel(&self.env) {
             Ok(c) => WorkerGatewayClient::new(c),
             Err(e) => {
                 tracing::error!(error = %format!("{e:#}"), "no gateway to report to");
@@ -706,9 +732,18 @@ mod tests {
     }
 
     #[test]
+    fn with_a_ca_the_gateway_is_dialled_over_tls_only() {
+        assert_eq!(gateway_url("gw.llmops:9090", true), "https://gw.llmops:9090");
+        assert_eq!(gateway_url("http://gw.llmops:9090", true), "https://gw.llmops:9090");
+        assert_eq!(gateway_url("gw.llmops:9090", false), "http://gw.llmops:9090");
+        assert_eq!(gateway_url("https://gw.llmops:9090", false), "https://gw.llmops:9090");
+    }
+
+    #[test]
     fn sessions_resend_until_acknowledged_and_keep_order() {
         let env = AgentEnv {
             gateway: "http://127.0.0.1:1".into(),
+            gateway_ca: None,
             workload: Workload::default(),
             token: "t".into(),
             pod: "p".into(),

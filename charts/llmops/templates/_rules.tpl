@@ -87,10 +87,16 @@ where tenants cannot write; with replicas > 1 the leader Lease lives there too.
   resources: ["configmaps"]
   verbs: ["get", "create", "patch", "delete"]
 # Model resolver: the token Secret of each resolver Job (read, else created once); the
-# operator's state key Secret (llmops-operator-state-key), made on first use.
+# operator's state key Secret (llmops-operator-state-key) and the gateway's generated
+# certificate (llmops-gateway-tls), made on first use; a TLS Secret given by name, read.
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get", "create"]
+# The gateway's generated certificate, replaced when the advertised address changes.
+- apiGroups: [""]
+  resources: ["secrets"]
+  resourceNames: ["llmops-gateway-tls"]
+  verbs: ["patch"]
 # Model resolver: the resolver Job (read, else applied).
 - apiGroups: ["batch"]
   resources: ["jobs"]

@@ -295,7 +295,15 @@ async fn reconcile_inner<K: BatchKind>(
             }
         },
     };
-    ctx.gateway.register(key, &pinned.token, pinned.assignment.clone());
+    let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &key.namespace);
+    let pod_list = pods_api.list(&ListParams::default().labels(&key.selector())).await.at(Step::Dereference)?.items;
+    // Tokens expire with their workload: once its outcome is in status (the worker got
+    // the acknowledgement of its result when it was written), its token is refused.
+    if old.finished() {
+        ctx.gateway.forget(&key.uid);
+    } else {
+        ctx.gateway.register(key, &pinned.token, pinned.assignment.clone());
+    }
 
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &key.namespace);
     let mut job = jobs.get_opt(&job_name).await.at(Step::Dereference)?;
@@ -337,8 +345,6 @@ async fn reconcile_inner<K: BatchKind>(
         }
     }
 
-    let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &key.namespace);
-    let pod_list = pods_api.list(&ListParams::default().labels(&key.selector())).await.at(Step::Dereference)?.items;
     let newest = pods::newest(&pod_list);
     let observation = Observation {
         job: job.as_ref().map(job_view),

@@ -57,7 +57,17 @@ impl BatchKind for Dataset {
     }
 
     fn figures(&self, status: &mut DatasetStatus, observed: Option<&Observed>, pinned: &Pinned, _key: &WorkloadKey) {
+        // The pinned lineage, with the digests the worker reported (now, or before: the
+        // gateway forgets a finished workload) filled in.
+        let reported = status.lineage.take();
         status.lineage = pinned.lineage.clone();
+        if let (Some(lineage), Some(reported)) = (status.lineage.as_mut(), reported) {
+            for input in lineage.inputs.iter_mut().filter(|i| i.sha256.is_empty()) {
+                if let Some(r) = reported.inputs.iter().find(|r| r.kind == input.kind && r.name == input.name) {
+                    input.sha256 = r.sha256.clone();
+                }
+            }
+        }
         let Some(result) = observed.and_then(|o| o.result.as_ref()) else { return };
         if let Some(a) = &result.artifact {
             status.artifact = Some(Artifact { uri: a.uri.clone(), sha256: a.sha256.clone() });

@@ -8,6 +8,7 @@
 //! status, so a worker that loses its connection resends it and nothing is lost.
 
 pub mod service;
+pub mod tls;
 pub mod tokens;
 
 use std::collections::HashMap;

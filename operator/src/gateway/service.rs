@@ -1,7 +1,6 @@
 //! The tonic implementation of `llmops.worker.v1.WorkerGateway` (plaintext h2c; every
 //! call carries the workload's bearer token) and the function that serves it.
 
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -143,28 +142,20 @@ fn ack(seq: u64) -> GatewayCommand {
     GatewayCommand { command: Some(Command::Ack(v1::Ack { seq })) }
 }
 
-/// Serves the gateway on `addr` until `shutdown` resolves.
-pub async fn serve(
-    addr: SocketAddr,
-    gateway: Arc<Gateway>,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<(), tonic::transport::Error> {
-    tracing::info!(%addr, "worker gateway listening");
-    tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .add_service(GatewayService::new(gateway).into_server())
-        .serve_with_shutdown(addr, shutdown)
-        .await
-}
-
-/// Serves the gateway on an already bound listener until `shutdown` resolves.
+/// Serves the gateway on an already bound listener until `shutdown` resolves: over TLS
+/// with `tls`, else plaintext h2c.
 pub async fn serve_with_listener(
     listener: tokio::net::TcpListener,
     gateway: Arc<Gateway>,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    builder
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(GatewayService::new(gateway).into_server())
         .serve_with_incoming_shutdown(incoming, shutdown)
