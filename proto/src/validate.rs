@@ -86,8 +86,7 @@ impl Checker {
             return;
         }
         if let Err(err) = regex::Regex::new(pattern) {
-            let detail =
-                err.to_string().lines().filter(|l| !l.trim().is_empty()).last().unwrap_or_default().trim().to_string();
+            let detail = err.to_string().lines().rfind(|l| !l.trim().is_empty()).unwrap_or_default().trim().to_string();
             self.fail(field, format!("is not a valid regular expression: {detail}"));
         }
     }
