@@ -120,8 +120,15 @@ pub fn chat_template_environment() -> Environment<'static> {
     env.add_function("raise_exception", |message: String| -> Result<String, minijinja::Error> {
         Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, message))
     });
+    // A model's template runs on every request, over the request's messages: bounded too,
+    // with room for long conversations under real templates.
+    env.set_fuel(Some(CHAT_TEMPLATE_FUEL));
     env
 }
+
+/// Fuel of one chat-template render (see [`RENDER_FUEL`]): ten times a prompt's, since a
+/// conversation of thousands of messages must still render.
+pub const CHAT_TEMPLATE_FUEL: u64 = 10 * RENDER_FUEL;
 
 /// One template of a prompt with where it sits in the spec.
 struct Part<'a> {
@@ -459,5 +466,23 @@ examples:
         assert_eq!(a.digest().len(), 64);
         b.variables[0].default = Some("French".into());
         assert_ne!(a.digest(), b.digest());
+    }
+
+    #[test]
+    fn a_chat_template_with_nested_loops_runs_out_of_fuel() {
+        let mut env = chat_template_environment();
+        env.add_template(
+            "chat",
+            "{% for a in messages %}{% for b in messages %}{% for c in messages %}x{% endfor %}{% endfor %}{% endfor %}",
+        )
+        .expect("parses");
+        let messages: Vec<_> = (0..400).map(|i| minijinja::context! { role => "user", content => i }).collect();
+        let started = std::time::Instant::now();
+        let err = env
+            .get_template("chat")
+            .and_then(|t| t.render(minijinja::context! { messages => messages }))
+            .expect_err("out of fuel");
+        assert_eq!(err.kind(), minijinja::ErrorKind::OutOfFuel, "{err}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(30), "took {:?}", started.elapsed());
     }
 }
