@@ -800,12 +800,7 @@ async fn a_real_agent_prepares_the_dataset_and_its_digest_reaches_the_status() -
         let mut verified = verified.clone();
         let request = FetchRequest { workload: Some(w.clone()), pod: "p".into(), worker_version: "t".into() };
         let token = token.clone();
-        async move {
-            Ok(match verified.fetch(bearer(request, &token)?).await {
-                Err(status) => Some(status),
-                Ok(_) => None,
-            })
-        }
+        async move { Ok(verified.fetch(bearer(request, &token)?).await.err()) }
     })
     .await?;
     assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");

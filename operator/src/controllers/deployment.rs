@@ -643,6 +643,11 @@ fn params() -> PatchParams {
     PatchParams::apply(FIELD_MANAGER).force()
 }
 
+/// Whether `obj`'s controller is the object of uid `uid`.
+fn controlled_by<K: Resource>(obj: &K, uid: &str) -> bool {
+    obj.meta().owner_references.iter().flatten().any(|o| o.controller == Some(true) && o.uid == uid)
+}
+
 async fn apply<K>(api: &Api<K>, obj: &K) -> Result<K>
 where
     K: Resource + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
@@ -736,13 +741,23 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> std::result::Re
             let already_serves = current.as_deref() == Some(revision.as_str());
             match build_gate(md, &key, &owner, revision, &r.serving) {
                 None => serving = Some(revision.clone()),
-                Some(gate) => {
+                Some(gate) => 'gate: {
                     let name = gate.name_any();
-                    let existing = runs
-                        .get_opt(&name)
-                        .await
-                        .at(Step::Dereference)?
-                        .filter(|run| run.labels().get(REVISION_LABEL) == Some(revision));
+                    let found = runs.get_opt(&name).await.at(Step::Dereference)?;
+                    // An EvalRun of the gate's name that this deployment does not control (a
+                    // tenant may create one first, with a spec that passes) is never read as
+                    // the gate's verdict, nor taken over.
+                    if found.as_ref().is_some_and(|run| !controlled_by(run, &key.uid)) {
+                        waiting = Some((
+                            "GateNameTaken".into(),
+                            format!(
+                                "EvalRun {name} is not this deployment's gate (it has another controller, or none); the gate cannot run until it is deleted"
+                            ),
+                            false,
+                        ));
+                        break 'gate;
+                    }
+                    let existing = found.filter(|run| run.labels().get(REVISION_LABEL) == Some(revision));
                     // A revision that already serves keeps its verdict in status; its gate
                     // is not run again when its EvalRun was deleted.
                     let run = match existing {

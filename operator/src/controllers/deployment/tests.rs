@@ -239,3 +239,25 @@ fn live_figures_add_rates_and_take_the_worst_tail() {
     assert_eq!(m.requests_per_second, None, "a NaN never reads as a number");
     assert_eq!(m.time_to_first_token_ms, None);
 }
+
+#[test]
+fn only_an_eval_run_this_deployment_controls_is_its_gate() {
+    let md = {
+        let mut md = md();
+        md.metadata.uid = Some("md-uid".into());
+        md
+    };
+    let owner = owner_reference(&md).expect("owner");
+    let mut run: EvalRun = serde_json::from_value(serde_json::json!({
+        "apiVersion": "llmops.dev/v1alpha1", "kind": "EvalRun", "metadata": {"name": "chat-gate-x"},
+        "spec": {"target": {"modelDeployment": "chat"}, "dataset": {"name": "d", "split": "test"}, "metrics": ["contains"]}
+    }))
+    .expect("an EvalRun");
+    assert!(!controlled_by(&run, "md-uid"), "a run without owner is a tenant's");
+    run.metadata.owner_references = Some(vec![OwnerReference { controller: Some(false), ..owner.clone() }]);
+    assert!(!controlled_by(&run, "md-uid"), "an owner that is not the controller");
+    run.metadata.owner_references = Some(vec![OwnerReference { uid: "other".into(), ..owner.clone() }]);
+    assert!(!controlled_by(&run, "md-uid"), "another deployment's");
+    run.metadata.owner_references = Some(vec![owner]);
+    assert!(controlled_by(&run, "md-uid"));
+}
