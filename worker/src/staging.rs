@@ -131,19 +131,7 @@ impl Bucket {
 
     /// The keys of every object under `key/`, relative to it, sorted.
     pub async fn list(&self, key: &str) -> Result<Vec<String>> {
-        let path = self.path(key);
-        let mut listing = self.store.list(Some(&path));
-        let mut keys = Vec::new();
-        while let Some(meta) = listing.next().await {
-            let meta = meta.with_context(|| format!("listing s3://{}/{path}/", self.name))?;
-            let relative =
-                meta.location.as_ref().strip_prefix(path.as_ref()).unwrap_or_default().trim_start_matches('/');
-            if !relative.is_empty() {
-                keys.push(relative.to_string());
-            }
-        }
-        keys.sort();
-        Ok(keys)
+        Ok(self.list_modified(key).await?.into_iter().map(|(k, _)| k).collect())
     }
 
     /// The keys of every object under `key/`, relative to it, each with when it was last
